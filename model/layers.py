@@ -1,0 +1,111 @@
+"""Building blocks shared by the networks, written with the Keras 3 API only."""
+import keras
+from keras import ops
+
+
+class InstanceNormalization(keras.layers.Layer):
+    """Per-sample, per-channel normalization over the spatial axes with a learned scale and offset.
+
+    The same as group normalization with one group per channel. The statistics are computed in
+    float32 whatever the compute dtype, so the layer is safe under a bf16 policy.
+    """
+
+    def __init__(self, epsilon=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        self.gamma = self.add_weight(shape=(channels,), initializer="ones", name="gamma")
+        self.beta = self.add_weight(shape=(channels,), initializer="zeros", name="beta")
+
+    def call(self, x):
+        axes = tuple(range(1, len(x.shape) - 1))
+        x32 = ops.cast(x, "float32")
+        mean, var = ops.moments(x32, axes=axes, keepdims=True)
+        y = (x32 - mean) * ops.rsqrt(var + self.epsilon)
+        y = y * ops.cast(self.gamma, "float32") + ops.cast(self.beta, "float32")
+        return ops.cast(y, self.compute_dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon}
+
+
+class UpConv2x(keras.layers.Layer):
+    """A 2×2×2 transposed convolution with stride 2, computed as a matrix product and a shuffle.
+
+    With kernel 2 and stride 2 the output windows do not overlap, so each input voxel produces its
+    own 2×2×2 output block: a 1×1×1 convolution to 8·filters channels followed by a
+    depth-to-space rearrangement. The kernel has `Conv3DTranspose`'s layout, (2, 2, 2, filters,
+    in_channels), and the layer gives the same result, but its gradient compiles to a fast matrix
+    product under XLA where the transposed convolution's does not.
+    """
+
+    def __init__(self, filters, kernel_initializer="glorot_uniform", **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(2, 2, 2, self.filters, input_shape[-1]),
+                                      initializer=self.kernel_initializer, name="kernel")
+        self.bias = self.add_weight(shape=(self.filters,), initializer="zeros", name="bias")
+
+    def call(self, x):
+        c_in, c_out = x.shape[-1], self.filters
+        # (i, j, k, o, c) -> (c, i, j, k, o): one matrix from input channels to the 8 sub-voxels.
+        matrix = ops.reshape(ops.transpose(self.kernel, (4, 0, 1, 2, 3)), (c_in, 8 * c_out))
+        y = ops.matmul(x, ops.cast(matrix, x.dtype))
+        d, h, w = _spatial_shape(x)
+        y = ops.reshape(y, (-1, d, h, w, 2, 2, 2, c_out))
+        y = ops.transpose(y, (0, 1, 4, 2, 5, 3, 6, 7))
+        y = ops.reshape(y, (-1, 2 * d, 2 * h, 2 * w, c_out))
+        return y + ops.cast(self.bias, y.dtype)
+
+    def compute_output_shape(self, input_shape):
+        b, d, h, w, _ = input_shape
+        return (b,) + tuple(None if s is None else 2 * s for s in (d, h, w)) + (self.filters,)
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer)}
+
+
+def _spatial_shape(x):
+    """The three spatial sizes of a 5-D tensor, static where known."""
+    static = x.shape[1:4]
+    if all(s is not None for s in static):
+        return tuple(static)
+    dynamic = ops.shape(x)
+    return tuple(s if s is not None else dynamic[i + 1] for i, s in enumerate(static))
+
+
+class Initializers:
+    """Glorot-uniform initializers, each with its own seed derived from one base seed.
+
+    With `seed=None` the initializers are unseeded (a different network each run).
+    """
+
+    def __init__(self, seed=None):
+        self.seed = seed
+        self.count = 0
+
+    def glorot(self):
+        """The next glorot-uniform initializer."""
+        if self.seed is None:
+            return keras.initializers.GlorotUniform()
+        self.count += 1
+        return keras.initializers.GlorotUniform(seed=self.seed * 1000 + self.count)
+
+
+def make_normalization(kind, name=None):
+    """The normalization layer for `kind` (instancenorm, groupnorm, batchnorm) or None for none."""
+    if kind == "instancenorm":
+        return InstanceNormalization(epsilon=1e-6, name=name)
+    if kind == "groupnorm":
+        return keras.layers.GroupNormalization(groups=16, epsilon=1e-6, name=name)
+    if kind == "batchnorm":
+        return keras.layers.BatchNormalization(name=name)
+    if kind == "none":
+        return None
+    raise ValueError(f"unknown normalization {kind!r}")

@@ -1,0 +1,80 @@
+"""UNet3D losses and evaluation metrics on softmax outputs, written with `keras.ops`.
+
+Tensors are (B, D, H, W, C) with one-hot labels `y` and probabilities `p`. Class 0 (background)
+is dropped unless `include_background` is set.
+"""
+from keras import ops
+
+DICE_EPS = 1e-5
+CE_CLIP = 1e-7
+TUMOUR_CLASSES = {1: "TumorCore", 2: "PeritumoralEdema", 3: "EnhancingTumor"}
+
+
+def _select(y, p, include_background):
+    if include_background:
+        return y, p
+    return y[..., 1:], p[..., 1:]
+
+
+def _spatial_axes(x):
+    return tuple(range(1, len(x.shape) - 1))
+
+
+def per_sample_dice(y, p):
+    """2·Σ(y·p) / (Σy + Σp + 1e-5) over the spatial axes: shape (B, C)."""
+    axes = _spatial_axes(y)
+    intersection = ops.sum(y * p, axis=axes)
+    denominator = ops.sum(y, axis=axes) + ops.sum(p, axis=axes)
+    return 2.0 * intersection / (denominator + DICE_EPS)
+
+
+def dice_loss(y, p, include_background=False):
+    """Σ over classes of (1 − dice_c), dice_c averaged over the batch."""
+    y, p = _select(ops.cast(y, "float32"), ops.cast(p, "float32"), include_background)
+    return ops.sum(1.0 - ops.mean(per_sample_dice(y, p), axis=0))
+
+
+def ce_loss(y, p, include_background=False):
+    """Σ over classes of the binary cross-entropy averaged over batch and space, p clipped."""
+    y, p = _select(ops.cast(y, "float32"), ops.cast(p, "float32"), include_background)
+    # Clipping 1 − p rather than p is the same formula, but keeps log(1e-7) exact in float32,
+    # where 1 − 1e-7 would round to 1 − 1.19e-7.
+    log_p = ops.log(ops.clip(p, CE_CLIP, 1.0 - CE_CLIP))
+    log_not_p = ops.log(ops.clip(1.0 - p, CE_CLIP, 1.0 - CE_CLIP))
+    bce = -(y * log_p + (1.0 - y) * log_not_p)
+    return ops.sum(ops.mean(bce, axis=tuple(range(len(bce.shape) - 1))))
+
+
+def dice_ce_loss(y, p, include_background=False):
+    """The dice loss plus the cross-entropy loss."""
+    return dice_loss(y, p, include_background) + ce_loss(y, p, include_background)
+
+
+LOSSES = {"dice": dice_loss, "ce": ce_loss, "dice+ce": dice_ce_loss}
+
+
+def get_loss(name, include_background=False):
+    """The loss function `(y, p) -> scalar` called `name` (dice, ce or dice+ce)."""
+    fn = LOSSES[name]
+    return lambda y, p: fn(y, p, include_background)
+
+
+def eval_dice_per_sample(y, p, include_background=False):
+    """Hard dice of every sample: a dict of name -> (B,) tensor.
+
+    Probabilities are rounded (p > 0.5). Keys: TumorCore, PeritumoralEdema, EnhancingTumor (and
+    Background with include_background), MeanDice (their mean), WholeTumor (the dice of the union
+    of the three tumour channels).
+    """
+    y = ops.cast(y, "float32")
+    hard = ops.cast(ops.greater(ops.cast(p, "float32"), 0.5), "float32")
+    dice = per_sample_dice(y, hard)
+    names = (["Background"] if include_background else []) + list(TUMOUR_CLASSES.values())
+    first = 0 if include_background else 1
+    dice = dice[:, first:]
+    scores = {name: dice[:, i] for i, name in enumerate(names)}
+    scores["MeanDice"] = ops.mean(dice, axis=-1)
+    whole_y = ops.max(y[..., 1:], axis=-1, keepdims=True)
+    whole_p = ops.max(hard[..., 1:], axis=-1, keepdims=True)
+    scores["WholeTumor"] = per_sample_dice(whole_y, whole_p)[:, 0]
+    return scores

@@ -1,0 +1,59 @@
+"""UNet3D for brain-tumour segmentation (BraTS), Keras 3 functional API.
+
+Encoder: an input block of two 3×3×3 convolutions (32 channels), then down blocks of a stride-2
+convolution and a convolution (64, 128, 256, 320, and a 320-channel bottleneck). Decoder: up
+blocks of a 2×2×2 stride-2 up-convolution, the skip concatenated, and two convolutions (320, 256,
+128, 64, 32). A 3×3×3 convolution to the classes and a softmax close it. Every convolution block
+is Conv3D, normalization, LeakyReLU(0.01).
+"""
+import keras
+
+from model.layers import Initializers, UpConv2x, make_normalization
+
+ENCODER_CHANNELS = (32, 64, 128, 256, 320, 320)
+DECODER_CHANNELS = (320, 256, 128, 64, 32)
+DIVISOR = 2 ** (len(ENCODER_CHANNELS) - 1)
+
+
+def conv_block(x, filters, norm, init, strides=1, name=None):
+    """Conv3D 3×3×3 'same' with bias, then normalization, then LeakyReLU(0.01)."""
+    x = keras.layers.Conv3D(filters, 3, strides=strides, padding="same",
+                            kernel_initializer=init.glorot(), bias_initializer="zeros",
+                            name=f"{name}_conv")(x)
+    layer = make_normalization(norm, name=f"{name}_norm")
+    if layer is not None:
+        x = layer(x)
+    return keras.layers.LeakyReLU(negative_slope=0.01, name=f"{name}_act")(x)
+
+
+def build_unet3d(in_channels=4, n_classes=4, normalization="instancenorm", seed=None,
+                 spatial_shape=(None, None, None)):
+    """The UNet3D as a `keras.Model` from (B, D, H, W, in_channels) to softmax probabilities.
+
+    Spatial sizes may be left as None; each one used must be a multiple of 32.
+    """
+    for size in spatial_shape:
+        if size is not None and size % DIVISOR:
+            raise ValueError(f"UNet3D needs spatial sizes divisible by {DIVISOR}, got {spatial_shape}")
+    init = Initializers(seed)
+    inputs = keras.Input(shape=tuple(spatial_shape) + (in_channels,), name="image")
+
+    x = conv_block(inputs, ENCODER_CHANNELS[0], normalization, init, name="input_0")
+    x = conv_block(x, ENCODER_CHANNELS[0], normalization, init, name="input_1")
+    skips = [x]
+    for depth, filters in enumerate(ENCODER_CHANNELS[1:], start=1):
+        x = conv_block(x, filters, normalization, init, strides=2, name=f"down{depth}_0")
+        x = conv_block(x, filters, normalization, init, name=f"down{depth}_1")
+        skips.append(x)
+    skips.pop()  # the bottleneck is not a skip
+
+    for depth, filters in enumerate(DECODER_CHANNELS):
+        x = UpConv2x(filters, kernel_initializer=init.glorot(), name=f"up{depth}_upconv")(x)
+        x = keras.layers.Concatenate(axis=-1, name=f"up{depth}_concat")([x, skips.pop()])
+        x = conv_block(x, filters, normalization, init, name=f"up{depth}_0")
+        x = conv_block(x, filters, normalization, init, name=f"up{depth}_1")
+
+    logits = keras.layers.Conv3D(n_classes, 3, padding="same", kernel_initializer=init.glorot(),
+                                 name="output_conv")(x)
+    probs = keras.layers.Softmax(axis=-1, dtype="float32", name="softmax")(logits)
+    return keras.Model(inputs, probs, name="unet3d")
