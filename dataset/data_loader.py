@@ -1,0 +1,166 @@
+"""tf.data pipelines over preprocessed BraTS TFRecords: folds, training, evaluation, test, synthetic."""
+import glob
+import os
+import re
+
+import numpy as np
+import tensorflow as tf
+
+from dataset import transforms
+from dataset.records import BRATS_SHAPE, N_MODALITIES, decode_example, decode_metadata
+from runtime.errors import UserError
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def _natural_key(path):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", os.path.basename(path))]
+
+
+def list_records(data_dir):
+    """The *.tfrecord files of `data_dir`, in natural order (volume-2 before volume-10)."""
+    files = sorted(glob.glob(os.path.join(data_dir, "*.tfrecord")), key=_natural_key)
+    if not files:
+        raise UserError(f"{data_dir}: no *.tfrecord files; create them with "
+                        "dataset/preprocess_data.py, or leave out --data_dir for the phantom data")
+    return files
+
+
+def split_folds(files, fold, num_folds):
+    """(training files, validation files): numpy array_split into num_folds parts, part `fold` validates."""
+    if not 0 <= fold < num_folds:
+        raise UserError(f"--fold {fold} is outside [0, {num_folds}); pick a fold below --num_folds")
+    parts = np.array_split(np.array(files), num_folds)
+    if len(parts[fold]) == 0:
+        raise UserError(f"--fold {fold}: only {len(files)} record files for {num_folds} folds, so this "
+                        "fold has no validation files; use fewer --num_folds or more files")
+    train = [str(f) for i, part in enumerate(parts) if i != fold for f in part]
+    return train, [str(f) for f in parts[fold]]
+
+
+def scan_records(files):
+    """Read every record of `files` once: a list per file of each record's metadata (case, shape, affine).
+
+    A truncated or corrupt file is a UserError naming it.
+    """
+    found = []
+    for path in files:
+        records = []
+        try:
+            for serialized in tf.data.TFRecordDataset(path):
+                records.append(decode_metadata(serialized))
+        except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as err:
+            raise UserError(f"{path}: corrupt or truncated record after {len(records)} good ones "
+                            f"({err.message.splitlines()[0]}); create it again with "
+                            "dataset/preprocess_data.py") from None
+        found.append(records)
+    if not any(found):
+        raise UserError(f"{os.path.dirname(files[0])}: the record files hold no records")
+    return found
+
+
+class BratsData:
+    """The training, evaluation and test pipelines of one worker over one fold of `data_dir`."""
+
+    def __init__(self, data_dir, batch_size, fold=0, num_folds=5, seed=None, augment=True,
+                 worker_id=0, num_workers=1, prefetch_device=None):
+        self.batch_size = batch_size
+        self.seed = _base_seed(seed)
+        self.augment = augment
+        self.worker_id, self.num_workers = worker_id, num_workers
+        self.prefetch_device = prefetch_device
+        self.train_files, self.eval_files = split_folds(list_records(data_dir), fold, num_folds)
+        found = scan_records(self.train_files + self.eval_files)
+        self.eval_records = [r for records in found[len(self.train_files):] for r in records]
+        self.n_train = sum(len(records) for records in found[:len(self.train_files)])
+        self.n_eval = len(self.eval_records)
+        self.volume_shape = next(r for records in found for r in records)["shape"]
+        self.crop_shape = transforms.train_crop_shape(self.volume_shape)
+        self.window = transforms.eval_window(self.volume_shape)
+
+    def _parse(self, serialized):
+        return decode_example(serialized, self.volume_shape)
+
+    def train_dataset(self, start_step=0):
+        """Endless batches of (x (B, crop…, 4), one-hot y), resuming the stream at `start_step`."""
+        ds = tf.data.TFRecordDataset(self.train_files)
+        ds = ds.shard(self.num_workers, self.worker_id).cache()
+        ds = ds.shuffle(8 * self.batch_size, seed=self.seed).repeat()
+        return self._train_stream(ds.map(self._parse, num_parallel_calls=AUTOTUNE), start_step)
+
+    def _train_stream(self, ds, start_step):
+        skipped = start_step * self.batch_size
+        ds = ds.skip(skipped).enumerate(start=skipped)
+        crop, augment, seed = self.crop_shape, self.augment, self.seed
+
+        def transform(index, example):
+            x, y, mean, stdev = example
+            return transforms.train_transform(x, y, mean, stdev, tf.stack([seed, index]), crop, augment)
+
+        ds = ds.map(transform, num_parallel_calls=AUTOTUNE)
+        return self._finish(ds.batch(self.batch_size, drop_remainder=True))
+
+    def eval_dataset(self):
+        """Every validation volume once, as (x, one-hot y) windows, in batches."""
+        window = self.window
+        ds = tf.data.TFRecordDataset(self.eval_files).cache().map(self._parse, num_parallel_calls=AUTOTUNE)
+        ds = ds.map(lambda x, y, m, s: transforms.eval_transform(x, y, m, s, window),
+                    num_parallel_calls=AUTOTUNE)
+        return self._finish(ds.batch(self.batch_size))
+
+    def test_dataset(self):
+        """Every validation volume once, as image windows alone, in batches."""
+        window = self.window
+        ds = tf.data.TFRecordDataset(self.eval_files).map(self._parse, num_parallel_calls=AUTOTUNE)
+        ds = ds.map(lambda x, y, m, s: transforms.test_transform(x, m, s, window),
+                    num_parallel_calls=AUTOTUNE)
+        return self._finish(ds.batch(self.batch_size))
+
+    def _finish(self, ds):
+        if self.prefetch_device:
+            return ds.apply(tf.data.experimental.prefetch_to_device(self.prefetch_device))
+        return ds.prefetch(AUTOTUNE)
+
+
+class SyntheticData(BratsData):
+    """Deterministic synthetic data: one random BraTS-sized volume through the real transforms."""
+
+    def __init__(self, batch_size, seed=None, augment=True, prefetch_device=None):
+        self.batch_size, self.augment = batch_size, augment
+        self.seed = _base_seed(seed)
+        self.prefetch_device = prefetch_device
+        self.volume_shape = BRATS_SHAPE
+        self.crop_shape = transforms.train_crop_shape(BRATS_SHAPE)
+        self.window = transforms.eval_window(BRATS_SHAPE)
+        self.n_train = self.n_eval = 1
+        self.eval_records = [{"case": "synthetic", "shape": BRATS_SHAPE, "affine": np.eye(4)}]
+        rng = np.random.default_rng(self.seed)
+        self.x = rng.integers(0, 255, size=BRATS_SHAPE + (N_MODALITIES,), dtype=np.uint8)
+        self.y = rng.integers(0, transforms.N_CLASSES, size=BRATS_SHAPE, dtype=np.uint8)
+
+    def _example(self):
+        zeros, ones = np.zeros(N_MODALITIES, np.float32), np.ones(N_MODALITIES, np.float32)
+        return tf.data.Dataset.from_tensors((self.x, self.y, zeros, ones))
+
+    def train_dataset(self, start_step=0):
+        """The synthetic volume, repeated, through the training transforms."""
+        return self._train_stream(self._example().cache().repeat(), start_step)
+
+    def eval_dataset(self):
+        """The synthetic volume once, through the evaluation transforms."""
+        window = self.window
+        ds = self._example().map(lambda x, y, m, s: transforms.eval_transform(x, y, m, s, window))
+        return self._finish(ds.batch(self.batch_size))
+
+    def test_dataset(self):
+        """Truncated-normal 64×64×64×4 images, one batch per call of `repeat`."""
+        images = tf.random.stateless_truncated_normal((self.batch_size, 64, 64, 64, N_MODALITIES),
+                                                      seed=[self.seed, 0])
+        return self._finish(tf.data.Dataset.from_tensors(images))
+
+
+def _base_seed(seed):
+    """The pipeline's seed: `seed` itself, or a fresh random one when None."""
+    if seed is not None:
+        return int(seed)
+    return int(np.random.SeedSequence().entropy % (2 ** 31))

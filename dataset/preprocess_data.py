@@ -1,0 +1,139 @@
+"""Turn BraTS NIfTI cases into the TFRecord files the training tool reads.
+
+usage: python dataset/preprocess_data.py -i IN -o OUT [-v] [--vol_per_file 4] [--single_data_dir]
+                                         [--seed S] [--workers N]
+
+IN holds HGG/<case>/ and LGG/<case>/ folders (BraTS 2019), or the case folders themselves with
+--single_data_dir. Cases are converted in parallel (one process per core), shuffled (seeded by
+--seed) and packed --vol_per_file to a file into OUT/volume-<k>.tfrecord. Files are written into
+a staging folder first and moved into OUT only when every case converted, so a failure leaves no
+partial output behind.
+"""
+import argparse
+import contextlib
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+
+if __package__ in (None, ""):  # run as a script: make the project importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+
+from dataset.brats_nifti import convert_case
+from runtime.errors import UserError
+from runtime.progress import Progress
+from runtime.quiet_import import import_tensorflow
+
+MIN_SIZE = 32
+
+
+def find_cases(input_dir, single_data_dir=False):
+    """Sorted case folders: IN/HGG/* and IN/LGG/*, or IN/* with `single_data_dir`."""
+    if not os.path.isdir(input_dir):
+        raise UserError(f"{input_dir}: no such folder (-i)")
+    roots = [input_dir] if single_data_dir else [os.path.join(input_dir, g) for g in ("HGG", "LGG")]
+    if not single_data_dir and not any(os.path.isdir(r) for r in roots):
+        raise UserError(f"{input_dir}: no HGG or LGG folder; for a folder of case folders add "
+                        "--single_data_dir")
+    cases = sorted(os.path.join(root, name) for root in roots if os.path.isdir(root)
+                   for name in os.listdir(root) if os.path.isdir(os.path.join(root, name)))
+    if not cases:
+        raise UserError(f"{input_dir}: no case folders found")
+    return cases
+
+
+def check_output_dir(output_dir):
+    """Create OUT if needed; refuse one that already holds records (nothing is overwritten)."""
+    os.makedirs(output_dir, exist_ok=True)
+    existing = [f for f in os.listdir(output_dir) if f.endswith(".tfrecord")]
+    if existing:
+        raise UserError(f"{output_dir}: already holds {len(existing)} .tfrecord files; choose an "
+                        "empty output folder or remove them yourself")
+
+
+def shuffled(cases, seed):
+    """The cases in a seeded random order (unseeded when `seed` is None)."""
+    order = np.random.default_rng(seed).permutation(len(cases))
+    return [cases[i] for i in order]
+
+
+def _checked_case(case_dir):
+    case = convert_case(case_dir)
+    volume = case[1]
+    if min(volume.shape[:3]) < MIN_SIZE:
+        raise UserError(f"{case_dir}: volume shape {volume.shape[:3]} is below {MIN_SIZE} voxels "
+                        "on some axis; the network needs at least 32")
+    return case
+
+
+def write_records(cases, output_dir, vol_per_file=4, workers=None, verbose=False):
+    """Convert `cases` (in this order) into OUT/volume-<k>.tfrecord; returns the file paths."""
+    tf = import_tensorflow()  # only the parent process writes records
+    from dataset.records import encode_example
+
+    workers = workers or os.cpu_count() or 1
+    stage = tempfile.mkdtemp(prefix=".preprocess-partial-", dir=output_dir)
+    progress = Progress(len(cases), "preprocessing")
+    names = []
+    pool = multiprocessing.get_context("spawn").Pool(min(workers, len(cases))) if workers > 1 else None
+    try:
+        with pool or contextlib.nullcontext():
+            converted = pool.imap(_checked_case, cases) if pool else map(_checked_case, cases)
+            for start in range(0, len(cases), vol_per_file):
+                path = os.path.join(stage, f"volume-{start // vol_per_file}.tfrecord")
+                with tf.io.TFRecordWriter(path) as writer:
+                    for _ in cases[start:start + vol_per_file]:
+                        name, volume, labels, mean, stdev, affine = next(converted)
+                        writer.write(encode_example(volume, labels, mean, stdev, name, affine))
+                        progress.advance(note=name)
+                        if verbose:
+                            print(f"{name} -> {os.path.basename(path)} shape {volume.shape} "
+                                  f"mean {np.round(mean, 2)} stdev {np.round(stdev, 2)}")
+                names.append(os.path.basename(path))
+        progress.close()
+        for name in names:
+            os.replace(os.path.join(stage, name), os.path.join(output_dir, name))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return [os.path.join(output_dir, name) for name in names]
+
+
+def preprocess(input_dir, output_dir, vol_per_file=4, single_data_dir=False, seed=None,
+               workers=None, verbose=False):
+    """The whole job: find, check, shuffle, convert and pack; returns the record file paths."""
+    if vol_per_file < 1:
+        raise UserError(f"--vol_per_file must be at least 1, got {vol_per_file}")
+    cases = find_cases(input_dir, single_data_dir)
+    check_output_dir(output_dir)
+    return write_records(shuffled(cases, seed), output_dir, vol_per_file, workers, verbose)
+
+
+def main(argv=None):
+    """Command-line entry point; returns the exit code."""
+    parser = argparse.ArgumentParser(description="Convert BraTS NIfTI cases to TFRecord files.")
+    parser.add_argument("-i", "--input_dir", required=True, help="BraTS folder (HGG/ and LGG/ inside)")
+    parser.add_argument("-o", "--output_dir", required=True, help="folder for volume-<k>.tfrecord")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print a line per case")
+    parser.add_argument("--vol_per_file", type=int, default=4, help="cases per file (default: 4)")
+    parser.add_argument("--single_data_dir", action="store_true",
+                        help="input_dir holds the case folders directly")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the case shuffle (default: a different order each run)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes converting cases (default: one per core)")
+    args = parser.parse_args(argv)
+    try:
+        files = preprocess(args.input_dir, args.output_dir, args.vol_per_file, args.single_data_dir,
+                           args.seed, args.workers, args.verbose)
+    except UserError as err:
+        print(f"preprocess_data.py: error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {len(files)} record files to {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

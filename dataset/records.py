@@ -1,0 +1,70 @@
+"""The TFRecord format of preprocessed BraTS volumes.
+
+Each record is a `tf.train.Example` with the reference's four features, `X` (uint8 volume of
+shape D×H×W×4, C order, as bytes), `Y` (uint8 labels D×H×W as bytes), `mean` and `stdev` (4
+floats each), and two optional extras this tool adds: `shape` (3 ints) and `case` (the case
+name). A record without `shape` is a 240×240×155 BraTS volume, so files written by the
+reference load unchanged.
+"""
+import numpy as np
+import tensorflow as tf
+
+BRATS_SHAPE = (240, 240, 155)
+N_MODALITIES = 4
+
+FEATURES = {
+    "X": tf.io.FixedLenFeature([], tf.string),
+    "Y": tf.io.FixedLenFeature([], tf.string),
+    "mean": tf.io.FixedLenFeature([N_MODALITIES], tf.float32),
+    "stdev": tf.io.FixedLenFeature([N_MODALITIES], tf.float32),
+    "shape": tf.io.FixedLenFeature([3], tf.int64, default_value=BRATS_SHAPE),
+    "case": tf.io.FixedLenFeature([], tf.string, default_value=""),
+    "affine": tf.io.FixedLenFeature([16], tf.float32, default_value=np.eye(4).ravel().tolist()),
+}
+
+
+def _bytes(value):
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+
+def _floats(values):
+    return tf.train.Feature(float_list=tf.train.FloatList(value=list(values)))
+
+
+def encode_example(volume, labels, mean, stdev, case="", affine=None):
+    """Serialize one case: `volume` uint8 (D,H,W,4), `labels` uint8 (D,H,W)."""
+    features = {
+        "X": _bytes(volume.tobytes()),
+        "Y": _bytes(labels.tobytes()),
+        "mean": _floats(mean),
+        "stdev": _floats(stdev),
+        "shape": tf.train.Feature(int64_list=tf.train.Int64List(value=list(volume.shape[:3]))),
+        "case": _bytes(case.encode()),
+    }
+    if affine is not None:
+        features["affine"] = _floats(np.asarray(affine, np.float32).ravel())
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+
+
+def decode_metadata(serialized):
+    """The extras of one record: {'case': str, 'shape': (D, H, W), 'affine': 4×4 array}."""
+    parsed = tf.io.parse_single_example(serialized, FEATURES)
+    return {"case": parsed["case"].numpy().decode(),
+            "shape": tuple(int(s) for s in parsed["shape"].numpy()),
+            "affine": parsed["affine"].numpy().reshape(4, 4).astype(np.float64)}
+
+
+def decode_example(serialized, static_shape=None):
+    """Parse one record into (X uint8 (D,H,W,4), Y uint8 (D,H,W), mean, stdev).
+
+    `static_shape` (D, H, W), when every record of a dataset shares it, gives the tensors a
+    static shape.
+    """
+    parsed = tf.io.parse_single_example(serialized, FEATURES)
+    shape = tf.cast(parsed["shape"], tf.int32)
+    x = tf.reshape(tf.io.decode_raw(parsed["X"], tf.uint8), tf.concat([shape, [N_MODALITIES]], 0))
+    y = tf.reshape(tf.io.decode_raw(parsed["Y"], tf.uint8), shape)
+    if static_shape is not None:
+        x = tf.ensure_shape(x, tuple(static_shape) + (N_MODALITIES,))
+        y = tf.ensure_shape(y, tuple(static_shape))
+    return x, y, parsed["mean"], parsed["stdev"]

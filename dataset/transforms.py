@@ -1,0 +1,119 @@
+"""Per-volume transforms of the BraTS pipeline (tf.data), in the reference's order.
+
+Volumes are (D, H, W, C). Randomness comes from stateless ops fed a per-volume seed, a (2,)
+int tensor, so that a stream is reproducible from `--seed` whatever the parallelism.
+"""
+import numpy as np
+import tensorflow as tf
+
+N_CLASSES = 4
+ZSCORE_EPS = 1e-8
+MULTIPLE = 32
+MAX_CROP = 128
+
+
+def train_crop_shape(volume_shape):
+    """The training crop per axis: the largest multiple of 32 that fits, at most 128."""
+    return tuple(min(MAX_CROP, (size // MULTIPLE) * MULTIPLE) for size in volume_shape)
+
+
+def eval_window(volume_shape):
+    """The evaluation window per axis: the multiple of 32 nearest to the size (ties go down).
+
+    A window smaller than the volume is a centred crop, a larger one is zero padding at the end:
+    BraTS' 240×240×155 gives 224×224×160, the crop at offset (8, 8, 0) and 5 slices of padding.
+    """
+    window = []
+    for size in volume_shape:
+        below = max(MULTIPLE, (size // MULTIPLE) * MULTIPLE)
+        above = below + MULTIPLE
+        window.append(above if above - size < size - below else below)
+    return tuple(window)
+
+
+def _seeds(seed, n):
+    return tf.unstack(tf.random.experimental.stateless_split(seed, num=n))
+
+
+def random_crop(x, y, crop_shape, seed):
+    """Crop `crop_shape` voxels; each start is uniform in [0, size − crop) (0 when they match)."""
+    starts = [tf.random.stateless_uniform([], axis_seed, minval=0, maxval=max(size - crop, 1),
+                                          dtype=tf.int32)
+              for axis_seed, size, crop in zip(_seeds(seed, 3), x.shape[:3], crop_shape)]
+    x = tf.slice(x, starts + [0], list(crop_shape) + [-1])
+    y = tf.slice(y, starts, list(crop_shape))
+    return x, y
+
+
+def random_flip(x, y, seed, axis=1):
+    """Reverse `axis` of image and labels with probability 0.5."""
+    flip = tf.random.stateless_uniform([], seed) > 0.5
+    return (tf.cond(flip, lambda: tf.reverse(x, [axis]), lambda: x),
+            tf.cond(flip, lambda: tf.reverse(y, [axis]), lambda: y))
+
+
+def zscore(x, mean, stdev):
+    """Foreground z-score per channel: (x − mean)/(stdev + 1e-8) where x > 0, 0 elsewhere."""
+    return tf.where(x > 0, (x - mean) / (stdev + ZSCORE_EPS), x)
+
+
+def random_brightness(x, seed):
+    """With probability 0.5, add a per-channel U[0.9, 1.1] value to every voxel above 0.
+
+    QUIRK kept from the reference: the 'brightness factor' is added, not multiplied, so the
+    trained network sees the same input distribution as the reference's.
+    """
+    apply_seed, factor_seed = _seeds(seed, 2)
+    factor = tf.random.stateless_uniform([x.shape[-1]], factor_seed, minval=0.9, maxval=1.1)
+    apply = tf.random.stateless_uniform([], apply_seed) > 0.5
+    return tf.cond(apply, lambda: tf.where(x > 0, x + factor, x), lambda: x)
+
+
+def train_transform(x, y, mean, stdev, seed, crop_shape, augment):
+    """Crop, flip axis 1, cast, z-score, brightness, one-hot: one training example."""
+    crop_seed, flip_seed, bright_seed = _seeds(seed, 3)
+    x, y = random_crop(x, y, crop_shape, crop_seed)
+    if augment:
+        x, y = random_flip(x, y, flip_seed)
+    x = zscore(tf.cast(x, tf.float32), mean, stdev)
+    if augment:
+        x = random_brightness(x, bright_seed)
+    return x, tf.one_hot(tf.cast(y, tf.int32), N_CLASSES)
+
+
+def fit_window(x, window):
+    """Centre-crop or end-pad the three spatial axes of `x` to `window`."""
+    begin, size, pad = [], [], []
+    for dim, target in zip(x.shape[:3], window):
+        crop = max(dim - target, 0)
+        begin.append(crop // 2)
+        size.append(min(dim, target))
+        pad.append([0, max(target - dim, 0)])
+    rest = len(x.shape) - 3
+    x = tf.slice(x, begin + [0] * rest, size + [-1] * rest)
+    return tf.pad(x, pad + [[0, 0]] * rest)
+
+
+def eval_transform(x, y, mean, stdev, window):
+    """Window, cast, z-score and one-hot: one evaluation example (padded voxels have no class)."""
+    x = fit_window(zscore(tf.cast(x, tf.float32), mean, stdev), window)
+    y = fit_window(tf.one_hot(tf.cast(y, tf.int32), N_CLASSES), window)
+    return x, y
+
+
+def test_transform(x, mean, stdev, window):
+    """Window, cast and z-score the image alone: one prediction input."""
+    return fit_window(zscore(tf.cast(x, tf.float32), mean, stdev), window)
+
+
+def unfit_window(mask, volume_shape):
+    """The inverse of `fit_window` for a NumPy (D, H, W) mask: back to `volume_shape`, zeros outside."""
+    out = np.zeros(volume_shape, dtype=mask.dtype)
+    src, dst = [], []
+    for dim, target in zip(volume_shape, mask.shape):
+        start = max(dim - target, 0) // 2
+        size = min(dim, target)
+        dst.append(slice(start, start + size))
+        src.append(slice(0, size))
+    out[tuple(dst)] = mask[tuple(src)]
+    return out

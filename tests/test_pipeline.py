@@ -1,0 +1,202 @@
+"""The tf.data pipeline of SPEC §1.3 on real TFRecord files."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dataset import transforms
+from dataset.data_loader import BratsData, SyntheticData, split_folds
+from dataset.phantom import write_brats_phantom
+from dataset.preprocess_data import preprocess
+from dataset.records import encode_example
+from runtime.errors import UserError
+
+
+def write_records(path, volumes, reference_format=False):
+    """Write (x, y, mean, stdev) tuples; the reference format has only X, Y, mean and stdev."""
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for x, y, mean, stdev in volumes:
+            if reference_format:
+                f = {"X": tf.train.Feature(bytes_list=tf.train.BytesList(value=[x.tobytes()])),
+                     "Y": tf.train.Feature(bytes_list=tf.train.BytesList(value=[y.tobytes()])),
+                     "mean": tf.train.Feature(float_list=tf.train.FloatList(value=mean)),
+                     "stdev": tf.train.Feature(float_list=tf.train.FloatList(value=stdev))}
+                writer.write(tf.train.Example(features=tf.train.Features(feature=f)).SerializeToString())
+            else:
+                writer.write(encode_example(x, y, mean, stdev))
+
+
+def random_volume(rng, shape):
+    x = rng.integers(0, 256, size=shape + (4,), dtype=np.uint8)
+    y = rng.integers(0, 4, size=shape, dtype=np.uint8)
+    return x, y, [50.0, 60.0, 70.0, 80.0], [10.0, 11.0, 12.0, 13.0]
+
+
+def small_dataset(root, n_files=5, per_file=2, shape=(40, 36, 33)):
+    rng = np.random.default_rng(0)
+    root.mkdir(exist_ok=True)
+    for k in range(n_files):
+        write_records(root / f"volume-{k}.tfrecord", [random_volume(rng, shape) for _ in range(per_file)])
+    return str(root)
+
+
+def batches(dataset, n):
+    return [tuple(t.numpy() for t in b) for b in dataset.take(n)]
+
+
+def test_brats_shapes_from_reference_format_records(tmp_path):
+    rng = np.random.default_rng(1)
+    data = tmp_path / "brats"
+    data.mkdir()
+    write_records(data / "volume-0.tfrecord", [random_volume(rng, (240, 240, 155))], True)
+    write_records(data / "volume-1.tfrecord", [random_volume(rng, (240, 240, 155))], True)
+    write_records(data / "volume-2.tfrecord", [random_volume(rng, (240, 240, 155)) for _ in range(3)], True)
+    loader = BratsData(str(data), batch_size=2, fold=2, num_folds=3, seed=0)
+    assert loader.volume_shape == (240, 240, 155) and loader.n_eval == 3
+    x, y = next(iter(loader.train_dataset()))
+    assert x.shape == (2, 128, 128, 128, 4) and x.dtype == tf.float32
+    assert y.shape == (2, 128, 128, 128, 4)
+    np.testing.assert_array_equal(tf.reduce_sum(y, -1).numpy(), 1.0)  # one-hot
+    evals = list(loader.eval_dataset())
+    assert [b[0].shape[0] for b in evals] == [2, 1]  # every validation volume, last batch partial
+    assert evals[0][0].shape == (2, 224, 224, 160, 4) and evals[0][1].shape == (2, 224, 224, 160, 4)
+    tests = list(loader.test_dataset())
+    assert [t.shape for t in tests] == [(2, 224, 224, 160, 4), (1, 224, 224, 160, 4)]
+
+
+def test_folds_are_sorted_and_split_like_array_split(tmp_path):
+    files = [f"volume-{k}.tfrecord" for k in (10, 2, 0, 1)]
+    train, val = split_folds(sorted(files, key=lambda f: int(f[7:-9])), 0, 3)
+    assert val == ["volume-0.tfrecord", "volume-1.tfrecord"]
+    assert train == ["volume-2.tfrecord", "volume-10.tfrecord"]
+    data = small_dataset(tmp_path / "d", n_files=11, per_file=1)
+    (tmp_path / "d" / "notes.txt").write_text("not a record")
+    loader = BratsData(data, batch_size=1, fold=1, num_folds=5)
+    assert [f.rsplit("/", 1)[1] for f in loader.eval_files] == ["volume-3.tfrecord", "volume-4.tfrecord"]
+    assert len(loader.train_files) == 9
+
+
+def test_same_seed_same_stream_other_seed_differs(tmp_path):
+    data = small_dataset(tmp_path / "d")
+    first = batches(BratsData(data, 2, seed=11).train_dataset(), 4)
+    again = batches(BratsData(data, 2, seed=11).train_dataset(), 4)
+    other = batches(BratsData(data, 2, seed=12).train_dataset(), 4)
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+    assert any(not np.array_equal(a[0], c[0]) for a, c in zip(first, other))
+
+
+def test_resumed_stream_continues_where_it_stopped(tmp_path):
+    data = small_dataset(tmp_path / "d")
+    whole = batches(BratsData(data, 2, seed=3).train_dataset(), 6)
+    tail = batches(BratsData(data, 2, seed=3).train_dataset(start_step=4), 2)
+    for a, b in zip(whole[4:], tail):
+        np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_workers_read_disjoint_shards(tmp_path):
+    data = small_dataset(tmp_path / "d", n_files=6, per_file=2)
+    seen = []
+    for worker in range(2):
+        loader = BratsData(data, 1, fold=0, num_folds=3, seed=0, augment=False, worker_id=worker, num_workers=2)
+        ds = tf.data.TFRecordDataset(loader.train_files).shard(2, worker)
+        seen.append({r.numpy() for r in ds})
+        assert len(batches(loader.train_dataset(), 1)) == 1
+    assert len(seen[0]) == len(seen[1]) == 4 and not seen[0] & seen[1]
+
+
+def hand_volume():
+    d, h, w = 6, 5, 4
+    x = np.arange(d * h * w * 2, dtype=np.float32).reshape(d, h, w, 2) + 1
+    y = (np.arange(d * h * w).reshape(d, h, w) % 4).astype(np.uint8)
+    return x, y
+
+
+def test_random_crop_starts_are_uniform_in_range():
+    x, y = hand_volume()
+    starts = set()
+    for i in range(200):
+        cx, cy = transforms.random_crop(tf.constant(x), tf.constant(y), (4, 4, 4), tf.constant([i, 0]))
+        cx = cx.numpy()
+        d0, h0, w0 = np.argwhere(x[..., 0] == cx[0, 0, 0, 0])[0]
+        np.testing.assert_array_equal(cx, x[d0:d0 + 4, h0:h0 + 4, w0:w0 + 4])
+        np.testing.assert_array_equal(cy.numpy(), y[d0:d0 + 4, h0:h0 + 4, w0:w0 + 4])
+        starts.add((d0, h0, w0))
+    # [0, size - crop): 6-4 -> {0, 1}, 5-4 -> {0}, 4-4 -> {0} (a crop equal to the size starts at 0).
+    assert starts == {(0, 0, 0), (1, 0, 0)}
+
+
+def test_random_flip_reverses_axis_1_of_both_half_the_time():
+    x, y = hand_volume()
+    flips = 0
+    for i in range(100):
+        fx, fy = (t.numpy() for t in transforms.random_flip(tf.constant(x), tf.constant(y), tf.constant([i, 1])))
+        if np.array_equal(fx, x):
+            np.testing.assert_array_equal(fy, y)
+        else:
+            np.testing.assert_array_equal(fx, x[:, ::-1])
+            np.testing.assert_array_equal(fy, y[:, ::-1])
+            flips += 1
+    assert 30 < flips < 70
+
+
+def test_random_brightness_adds_a_channel_factor_to_the_foreground():
+    x = np.zeros((4, 4, 4, 2), np.float32)
+    x[1:3, 1:3, 1:3] = [[2.0, -1.0]]  # some foreground, a negative (z-scored) voxel untouched
+    applied = 0
+    for i in range(60):
+        out = transforms.random_brightness(tf.constant(x), tf.constant([i, 2])).numpy()
+        if np.array_equal(out, x):
+            continue
+        applied += 1
+        added = out - x
+        assert np.all(added[x <= 0] == 0)
+        factor = added[1, 1, 1, 0]
+        assert 0.9 <= factor <= 1.1 and np.allclose(added[..., 0][x[..., 0] > 0], factor)
+    assert 15 < applied < 45
+
+
+def test_zscore_and_eval_window():
+    x = tf.constant([[[[0.0, 10.0]]]])
+    out = transforms.zscore(x, tf.constant([1.0, 4.0]), tf.constant([2.0, 3.0])).numpy()
+    np.testing.assert_allclose(out.ravel(), [0.0, 6.0 / (3.0 + 1e-8)])
+    assert transforms.eval_window((240, 240, 155)) == (224, 224, 160)
+    assert transforms.train_crop_shape((240, 240, 155)) == (128, 128, 128)
+    assert transforms.train_crop_shape((96, 80, 70)) == (96, 64, 64)
+    vol = tf.reshape(tf.range(240 * 240 * 155, dtype=tf.int32), (240, 240, 155, 1))
+    win = transforms.fit_window(vol, (224, 224, 160)).numpy()
+    np.testing.assert_array_equal(win[:, :, :155, 0], vol.numpy()[8:232, 8:232, :, 0])
+    assert np.all(win[:, :, 155:] == 0)
+
+
+def test_synthetic_data_is_deterministic():
+    a = batches(SyntheticData(1, seed=4).train_dataset(), 2)
+    b = batches(SyntheticData(1, seed=4).train_dataset(), 2)
+    assert a[0][0].shape == (1, 128, 128, 128, 4)
+    np.testing.assert_array_equal(a[1][0], b[1][0])
+    assert next(iter(SyntheticData(2, seed=4).test_dataset())).shape == (2, 64, 64, 64, 4)
+
+
+def test_bad_data_folders(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="no \\*.tfrecord files"):
+        BratsData(str(empty), 1)
+    data = small_dataset(tmp_path / "d", n_files=3, per_file=2)
+    with pytest.raises(UserError, match="no validation files"):
+        BratsData(data, 1, fold=4, num_folds=5)
+    path = tmp_path / "d" / "volume-1.tfrecord"
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(UserError, match=f"{path}: corrupt or truncated"):
+        BratsData(data, 1, fold=0, num_folds=3)
+
+
+def test_phantom_to_batches_end_to_end(tmp_path):
+    write_brats_phantom(str(tmp_path / "nifti"), 5, shape=(72, 70, 40), seed=1, workers=2)
+    preprocess(str(tmp_path / "nifti"), str(tmp_path / "records"), vol_per_file=1, single_data_dir=True,
+               seed=0, workers=2)
+    loader = BratsData(str(tmp_path / "records"), batch_size=2, fold=0, num_folds=5, seed=0)
+    x, y = next(iter(loader.train_dataset()))
+    assert x.shape == (2, 64, 64, 32, 4) and y.shape == (2, 64, 64, 32, 4)
+    (ex, ey), = list(loader.eval_dataset())
+    assert ex.shape == (1, 64, 64, 32, 4) and ey.numpy()[..., 1:].sum() > 0  # tumour in the window
