@@ -2,11 +2,23 @@
 import sys
 
 from runtime.arguments import parse_args
+from runtime.errors import UserError
 
 
 def main(argv=None):
     """Run the tool with the given command line (sys.argv[1:] when None); returns the exit code."""
-    parse_args(argv)
+    args = parse_args(argv)
+    from runtime.run import run
+    try:
+        run(args)
+    except (UserError, FloatingPointError) as err:
+        if args.tf_verbosity == 0:
+            raise
+        print(f"main.py: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("main.py: interrupted; continue later with --resume_training", file=sys.stderr)
+        return 130
     return 0
 
 

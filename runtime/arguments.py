@@ -60,6 +60,12 @@ def _add_run_flags(parser):
                        help="continue from the newest checkpoint in model_dir")
     group.add_argument("--disable_ckpt_saving", action="store_true",
                        help="write no checkpoints")
+    group.add_argument("--ckpt_every", type=non_negative_int, default=1000,
+                       help="also save a checkpoint every N training steps, 0 for only at the end "
+                            "(default: %(default)s)")
+    group.add_argument("--save_nifti", action="store_true",
+                       help="predict also writes <case>.nii.gz masks in BraTS labels (0, 1, 2, 4) "
+                            "and the case's own grid, into model_dir/nifti")
     group.add_argument("--benchmark", action="store_true",
                        help="time every step and report throughput and latency")
     group.add_argument("--warmup_steps", type=non_negative_int, default=40,

@@ -10,7 +10,7 @@ def import_tensorflow(verbosity=None):
     silenced for the import itself, because TensorFlow prints its oneDNN and CUDA notices there
     before any log level applies. Python errors raised by the import still propagate.
     """
-    level = 2 if verbosity is None else verbosity
+    level = 3 if verbosity is None else verbosity
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", str(level))
     if verbosity is not None:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = str(verbosity)

@@ -1,0 +1,95 @@
+"""Checkpoints: the model's and the optimizer's variables and the step, as one .npz file.
+
+Files are `model_dir/checkpoints/ckpt-<step>.npz`. Each is written to a temporary name and
+renamed when complete, so a crash mid-write leaves no file that looks whole; the newest complete
+one is kept and older ones this tool wrote are removed. Nothing else in model_dir is touched.
+Plain NumPy arrays make the format the same on every Keras backend.
+"""
+import glob
+import os
+import re
+import tempfile
+import zipfile
+
+import numpy as np
+
+from runtime.errors import UserError
+
+PATTERN = re.compile(r"^ckpt-(\d+)\.npz$")
+
+
+def checkpoint_dir(model_dir):
+    """The folder of the checkpoints inside `model_dir`."""
+    return os.path.join(model_dir, "checkpoints")
+
+
+def list_checkpoints(model_dir):
+    """[(step, path)] of the complete checkpoints, oldest first."""
+    found = []
+    for path in glob.glob(os.path.join(checkpoint_dir(model_dir), "ckpt-*.npz")):
+        match = PATTERN.match(os.path.basename(path))
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(model_dir):
+    """(step, path) of the newest checkpoint, or None."""
+    found = list_checkpoints(model_dir)
+    return found[-1] if found else None
+
+
+def _variables(model, optimizer):
+    variables = list(model.variables)
+    if optimizer is not None:
+        variables += list(optimizer.variables)
+    return variables
+
+
+def save(model_dir, step, model, optimizer=None):
+    """Write the checkpoint of `step` atomically, then drop the older ones; returns its path."""
+    folder = checkpoint_dir(model_dir)
+    os.makedirs(folder, exist_ok=True)
+    arrays = {f"v{i:05d}": np.asarray(v.numpy() if hasattr(v, "numpy") else v)
+              for i, v in enumerate(_variables(model, optimizer))}
+    arrays["step"] = np.int64(step)
+    final = os.path.join(folder, f"ckpt-{step}.npz")
+    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    for old_step, path in list_checkpoints(model_dir):
+        if old_step != step:
+            os.remove(path)
+    return final
+
+
+def restore(path, model, optimizer=None):
+    """Load a checkpoint into `model` (and `optimizer`, built here if needed); returns its step."""
+    if optimizer is not None and not optimizer.built:
+        optimizer.build(model.trainable_variables)
+    try:
+        with np.load(path) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise UserError(f"{path}: unreadable checkpoint ({err}); remove it to fall back on an "
+                        "older one or train again") from None
+    variables = _variables(model, optimizer)  # the model's come first, so they load alone too
+    stored = len(arrays) - 1
+    if stored < len(variables):
+        raise UserError(f"{path}: holds {stored} arrays, the model needs {len(variables)}; it was "
+                        "written for another network or flags (--normalization?)")
+    for i, variable in enumerate(variables):
+        value = arrays[f"v{i:05d}"]
+        if tuple(value.shape) != tuple(variable.shape):
+            raise UserError(f"{path}: array {i} has shape {value.shape}, the model expects "
+                            f"{tuple(variable.shape)}; it was written for another network or flags")
+        variable.assign(value)
+    return int(arrays["step"])

@@ -1,0 +1,222 @@
+"""Hooks: what happens around the steps of every mode (logs, progress, benchmark, TensorBoard, checkpoints).
+
+The loops in runtime/trainer.py call, on every hook of a `Hooks` list:
+  begin(mode, total_steps, first_step)   mode is "train", "eval" or "predict"
+  after_step(mode, step, batch_size, loss)   loss is a float when the step was synced, else None
+  end(mode, step, results)   results: the metrics of an evaluation, else {}
+"""
+import json
+import math
+import os
+import sys
+import time
+
+Z_SCORES = {"90%": 1.645, "95%": 1.960, "99%": 2.576}
+
+
+class Hook:
+    """A hook that does nothing; subclasses override what they need."""
+
+    def begin(self, mode, total_steps, first_step):
+        """Called before the first step of a mode."""
+
+    def after_step(self, mode, step, batch_size, loss):
+        """Called after every step."""
+
+    def end(self, mode, step, results):
+        """Called after the last step of a mode."""
+
+
+class Hooks(Hook):
+    """Calls every hook of a list in turn."""
+
+    def __init__(self, hooks):
+        self.hooks = [h for h in hooks if h is not None]
+
+    def begin(self, mode, total_steps, first_step):
+        for hook in self.hooks:
+            hook.begin(mode, total_steps, first_step)
+
+    def after_step(self, mode, step, batch_size, loss):
+        for hook in self.hooks:
+            hook.after_step(mode, step, batch_size, loss)
+
+    def end(self, mode, step, results):
+        for hook in self.hooks:
+            hook.end(mode, step, results)
+
+
+class Logger:
+    """Writes records to stdout and as JSON lines to `log_dir/log.json`."""
+
+    def __init__(self, log_dir, enabled=True):
+        self.enabled = enabled
+        self.path = os.path.join(log_dir, "log.json") if enabled and log_dir else None
+        if self.path:
+            os.makedirs(log_dir, exist_ok=True)
+
+    def log(self, kind, step, data):
+        """Print `data` with its step and append it to the JSON-lines file."""
+        if not self.enabled:
+            return
+        shown = " ".join(f"{k}: {_format(v)}" for k, v in data.items())
+        print(f"{kind} step {step} | {shown}" if step is not None else f"{kind} | {shown}", flush=True)
+        if self.path:
+            entry = {"timestamp": time.time(), "type": kind, "step": step, "data": data}
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(entry) + "\n")
+
+
+def _format(value):
+    return f"{value:.5g}" if isinstance(value, float) else str(value)
+
+
+class LoggingHook(Hook):
+    """Every `log_every` training steps: loss, mean iteration time [ms], examples/sec; eval results."""
+
+    def __init__(self, logger, log_every):
+        self.logger, self.log_every = logger, log_every
+        self._since, self._steps, self._examples = None, 0, 0
+
+    def begin(self, mode, total_steps, first_step):
+        self._since, self._steps, self._examples = time.perf_counter(), 0, 0
+
+    def after_step(self, mode, step, batch_size, loss):
+        if mode != "train":
+            return
+        self._steps += 1
+        self._examples += batch_size
+        if loss is None or step % self.log_every:
+            return
+        elapsed = time.perf_counter() - self._since
+        self.logger.log("train", step, {
+            "loss": float(loss),
+            "iteration_ms": 1000.0 * elapsed / self._steps,
+            "examples_per_sec": self._examples / elapsed,
+        })
+        self._since, self._steps, self._examples = time.perf_counter(), 0, 0
+
+    def end(self, mode, step, results):
+        if mode == "eval":
+            self.logger.log("eval", step, {k: float(v) for k, v in results.items()})
+
+
+def benchmark_stats(step_times, batch_size, mode):
+    """SPEC §1.6 statistics of per-step wall times (seconds) of `batch_size` examples each."""
+    n = len(step_times)
+    mean = sum(step_times) / n
+    std = math.sqrt(sum((t - mean) ** 2 for t in step_times) / n)
+    stats = {f"throughput_{mode}": sum(batch_size / t for t in step_times) / n,
+             f"latency_{mode}": 1000.0 * mean}
+    for name, z in Z_SCORES.items():
+        stats[f"Latency_{mode} {name}"] = 1000.0 * (mean + z * std / math.sqrt(n))
+    return stats
+
+
+class BenchmarkHook(Hook):
+    """Times every step after `warmup_steps` (the loop syncs each step) and reports the statistics."""
+
+    def __init__(self, logger, warmup_steps, global_batch_size):
+        self.logger, self.warmup = logger, warmup_steps
+        self.global_batch_size = global_batch_size
+        self.times, self._last, self._count = [], None, 0
+
+    def begin(self, mode, total_steps, first_step):
+        self.times, self._count = [], 0
+        self._last = time.perf_counter()
+
+    def after_step(self, mode, step, batch_size, loss):
+        now = time.perf_counter()
+        self._count += 1
+        if self._count > self.warmup:
+            self.times.append(now - self._last)
+        self._last = now
+
+    def end(self, mode, step, results):
+        if mode == "eval":
+            return
+        if not self.times:
+            self.logger.log("benchmark", None, {"error": f"no {mode} steps after the "
+                                                         f"{self.warmup} warm-up steps"})
+            return
+        self.logger.log("benchmark", None, benchmark_stats(self.times, self.global_batch_size, mode))
+
+
+class ProgressHook(Hook):
+    """A progress bar with the latest loss, on a terminal only."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.bar = None
+
+    def begin(self, mode, total_steps, first_step):
+        from runtime.progress import Progress
+        if self.stream.isatty() and total_steps:
+            self.bar = Progress(total_steps, mode, self.stream)
+            self.bar.done = first_step
+
+    def after_step(self, mode, step, batch_size, loss):
+        if self.bar:
+            self.bar.advance(note="" if loss is None else f"loss {loss:.4f}")
+
+    def end(self, mode, step, results):
+        if self.bar:
+            self.bar.close()
+            self.bar = None
+
+
+class CheckpointHook(Hook):
+    """Saves a checkpoint every `every` training steps and at the end of training."""
+
+    def __init__(self, save_fn, every):
+        self.save_fn, self.every = save_fn, every
+        self._saved_step = None
+
+    def after_step(self, mode, step, batch_size, loss):
+        if mode == "train" and self.every and step % self.every == 0:
+            self.save_fn(step)
+            self._saved_step = step
+
+    def end(self, mode, step, results):
+        if mode == "train" and step != self._saved_step:
+            self.save_fn(step)
+            self._saved_step = step
+
+
+class TensorBoardHook(Hook):
+    """TensorBoard scalars (loss, throughput, evaluation metrics) and the run's hyper-parameters."""
+
+    def __init__(self, log_dir, hparams, log_every):
+        from runtime.quiet_import import import_tensorflow
+        self.tf = import_tensorflow()
+        self.writer = self.tf.summary.create_file_writer(log_dir)
+        self.log_dir = log_dir
+        self.hparams, self.log_every = hparams, log_every
+        self._wrote_hparams = False
+        self._since, self._steps = time.perf_counter(), 0
+
+    def begin(self, mode, total_steps, first_step):
+        self._since, self._steps = time.perf_counter(), 0
+        if not self._wrote_hparams:
+            from tensorboard.plugins.hparams import api as hp
+            with self.writer.as_default():
+                hp.hparams(self.hparams, trial_id=os.path.basename(os.path.abspath(self.log_dir)))
+            self._wrote_hparams = True
+
+    def after_step(self, mode, step, batch_size, loss):
+        if mode != "train":
+            return
+        self._steps += 1
+        if loss is None or step % self.log_every:
+            return
+        elapsed = time.perf_counter() - self._since
+        with self.writer.as_default():
+            self.tf.summary.scalar("train/loss", loss, step=step)
+            self.tf.summary.scalar("train/examples_per_sec", self._steps * batch_size / elapsed, step=step)
+        self._since, self._steps = time.perf_counter(), 0
+
+    def end(self, mode, step, results):
+        with self.writer.as_default():
+            for key, value in results.items():
+                self.tf.summary.scalar(f"{mode}/{key}", float(value), step=step)
+        self.writer.flush()

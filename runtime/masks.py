@@ -1,0 +1,30 @@
+"""Writing predicted masks: NumPy windows (SPEC) and NIfTI volumes in the BraTS convention."""
+import os
+
+import nibabel as nib
+import numpy as np
+
+from dataset.transforms import unfit_window
+
+
+def brats_nifti(mask, record):
+    """A window mask (labels 0..3) as a NIfTI image of the case's own grid, labels 0, 1, 2, 4.
+
+    `record` is the case's metadata (shape, affine): the window is undone, the preprocessing's
+    swap of axes 0 and 1 is reversed, and label 3 goes back to BraTS' 4.
+    """
+    volume = unfit_window(np.asarray(mask, np.uint8), record["shape"])
+    volume = np.swapaxes(volume, 0, 1).copy()
+    volume[volume == 3] = 4
+    return nib.Nifti1Image(volume, record["affine"])
+
+
+def nifti_writer(out_dir, records):
+    """A `mask_fn(i, mask)` that saves mask i as out_dir/<case>.nii.gz (vol_<i> without a name)."""
+    os.makedirs(out_dir, exist_ok=True)
+
+    def write(index, mask):
+        name = records[index]["case"] or f"vol_{index}"
+        nib.save(brats_nifti(mask, records[index]), os.path.join(out_dir, f"{name}.nii.gz"))
+
+    return write

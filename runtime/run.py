@@ -1,0 +1,162 @@
+"""One run of the tool, stage by stage: set up, data, model, engine, hooks, then the modes."""
+import math
+import os
+import tempfile
+
+from runtime import checkpoint
+from runtime.errors import UserError
+from runtime.hooks import (BenchmarkHook, CheckpointHook, Hooks, Logger, LoggingHook, ProgressHook,
+                           TensorBoardHook)
+from runtime.trainer import Trainer
+
+TRAINS = ("train", "train_and_evaluate", "train_and_predict")
+EVALUATES = ("evaluate", "train_and_evaluate")
+PREDICTS = ("predict", "train_and_predict")
+
+
+def writable_dir(path, flag):
+    """Create `path` if needed and check that files can be written there."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise UserError(f"{flag} {path}: not writable ({err.strerror}); choose another folder") from None
+    return path
+
+
+def configure(args):
+    """Seeds, determinism, precision policy and XLA choice; returns the TensorFlow module."""
+    from runtime.quiet_import import import_tensorflow
+    tf = import_tensorflow(args.tf_verbosity)
+    import keras
+
+    if args.seed is not None:
+        keras.utils.set_random_seed(args.seed)
+        tf.config.experimental.enable_op_determinism()
+    if args.use_amp:
+        keras.mixed_precision.set_dtype_policy("mixed_float16")
+    elif args.dtype == "bf16":
+        keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    else:
+        keras.mixed_precision.set_dtype_policy("float32")
+    if args.use_xla is None:
+        args.use_xla = bool(tf.config.list_physical_devices("GPU"))
+    return tf
+
+
+def make_data(args, worker_id=0, num_workers=1):
+    """The dataset object of the run: synthetic, the user's records, or the phantom dataset."""
+    from dataset.data_loader import BratsData, SyntheticData
+    if args.synth_data:
+        return SyntheticData(args.batch_size, seed=args.seed, augment=args.augment)
+    data_dir = args.data_dir
+    if data_dir is None:
+        from runtime.demo_data import phantom_records
+        data_dir = phantom_records()
+    return BratsData(data_dir, args.batch_size, fold=args.fold, num_folds=args.num_folds,
+                     seed=args.seed, augment=args.augment, worker_id=worker_id,
+                     num_workers=num_workers)
+
+
+def make_model(args, in_channels=4):
+    """The network, its optimizer and its loss."""
+    import keras
+
+    from model.losses import get_loss
+    from model.unet3d import build_unet3d
+    model = build_unet3d(in_channels=in_channels, normalization=args.normalization, seed=args.seed)
+    optimizer = keras.optimizers.Adam(args.learning_rate)
+    if args.use_amp:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return model, optimizer, get_loss(args.loss, args.include_background)
+
+
+def make_hooks(args, logger, save_fn, global_batch):
+    """The hooks every mode shares."""
+    hooks = [LoggingHook(logger, args.log_every), ProgressHook()]
+    if args.benchmark:
+        hooks.append(BenchmarkHook(logger, args.warmup_steps, global_batch))
+    elif save_fn is not None and not args.disable_ckpt_saving:
+        hooks.append(CheckpointHook(save_fn, args.ckpt_every))
+    if args.tensorboard_logging and logger.enabled:
+        hparams = {k: v for k, v in vars(args).items() if isinstance(v, (bool, int, float, str))}
+        hooks.append(TensorBoardHook(args.log_dir, hparams, args.log_every))
+    return Hooks(hooks)
+
+
+def restore_for_inference(args, model):
+    """Load the newest checkpoint of model_dir into `model`; returns its step."""
+    found = checkpoint.latest_checkpoint(args.model_dir)
+    if found is None:
+        raise UserError(f"--model_dir {args.model_dir}: no checkpoint to {args.exec_mode.split('_')[-1]} "
+                        "with; train first (--exec_mode train) or point --model_dir at a trained run")
+    return checkpoint.restore(found[1], model)
+
+
+def start_step_for_training(args, model, optimizer):
+    """0 for a new run; the checkpoint's step with --resume_training. Never overwrites silently."""
+    found = checkpoint.latest_checkpoint(args.model_dir)
+    if found is None:
+        if args.resume_training:
+            print(f"no checkpoint in {args.model_dir}: training from the start", flush=True)
+        return 0
+    if not args.resume_training:
+        raise UserError(f"--model_dir {args.model_dir} already holds a checkpoint (step {found[0]}); "
+                        "add --resume_training to continue it, or choose another --model_dir")
+    step = checkpoint.restore(found[1], model, optimizer)
+    print(f"resuming from {found[1]} at step {step}", flush=True)
+    return step
+
+
+def run(args):
+    """Run the modes `args.exec_mode` asks for; returns a dict of what each produced."""
+    configure(args)
+    worker_id, num_workers = 0, 1
+    writable_dir(args.model_dir, "--model_dir")
+    logger = Logger(writable_dir(args.log_dir, "--log_dir"))
+    data = make_data(args, worker_id, num_workers)
+    model, optimizer, loss_fn = make_model(args)
+
+    from runtime.tf_engine import TFEngine
+    engine = TFEngine(model, optimizer, loss_fn, use_xla=args.use_xla,
+                      include_background=args.include_background)
+    save_fn = None
+    if args.exec_mode in TRAINS and not args.benchmark and not args.disable_ckpt_saving:
+        save_fn = lambda step: checkpoint.save(args.model_dir, step, model, optimizer)  # noqa: E731
+    hooks = make_hooks(args, logger, save_fn, args.batch_size * num_workers)
+    trainer = Trainer(engine, hooks, args.log_every, sync_every_step=args.benchmark)
+    results = {}
+
+    step = None
+    if args.exec_mode in TRAINS:
+        first = 0 if args.benchmark else start_step_for_training(args, model, optimizer)
+        last = args.max_steps if args.benchmark else max(1, args.max_steps // num_workers)
+        if first >= last:
+            print(f"already trained to step {first} (max_steps {last}); nothing to train", flush=True)
+        else:
+            results["loss"] = trainer.train(data.train_dataset(first), first, last, args.batch_size)
+        step = max(first, last)
+    elif not args.benchmark or args.exec_mode in EVALUATES:
+        step = restore_for_inference(args, model)
+
+    if args.exec_mode in EVALUATES:
+        results["eval"] = trainer.evaluate(data.eval_dataset(), step)
+    if args.exec_mode in PREDICTS:
+        results["predictions"] = predict(args, data, trainer)
+    return results
+
+
+def predict(args, data, trainer):
+    """Masks of every validation volume into model_dir (none when benchmarking); returns the count."""
+    dataset = data.test_dataset()
+    if args.benchmark:
+        repeats = max(1, math.ceil(2 * args.warmup_steps * args.batch_size / max(data.n_eval, 1)))
+        return trainer.predict(dataset.repeat(repeats))
+    mask_fn = None
+    if args.save_nifti:
+        from runtime.masks import nifti_writer
+        mask_fn = nifti_writer(os.path.join(args.model_dir, "nifti"), data.eval_records)
+    count = trainer.predict(dataset, args.model_dir, mask_fn)
+    print(f"wrote {count} masks to {args.model_dir}", flush=True)
+    return count

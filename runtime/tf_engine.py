@@ -1,0 +1,71 @@
+"""The TensorFlow engine: compiled train, eval and predict steps, under a tf.distribute strategy.
+
+With the default strategy this is a plain single-device `tf.function` (XLA when asked). Under a
+multi-device or multi-worker strategy each step runs on every replica through `strategy.run`;
+the optimizer all-reduces the gradients.
+"""
+from model.losses import eval_dice_per_sample
+from runtime.quiet_import import import_tensorflow
+
+
+class TFEngine:
+    """Compiled steps of one model, optimizer and loss."""
+
+    def __init__(self, model, optimizer, loss_fn, use_xla=False, strategy=None,
+                 include_background=False, gradient_hook=None):
+        self.tf = tf = import_tensorflow()
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.include_background = include_background
+        self.gradient_hook = gradient_hook
+        self._train = tf.function(self._replica_train_step, jit_compile=use_xla)
+        self._eval = tf.function(self._eval_step, jit_compile=use_xla, reduce_retracing=True)
+        self._predict = tf.function(self._predict_step, jit_compile=use_xla, reduce_retracing=True)
+
+    def _replica_train_step(self, x, y):
+        tf = self.tf
+        replicas = self.strategy.num_replicas_in_sync
+
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                probs = self.model(x, training=True)
+                loss = self.loss_fn(y, probs)
+                # The optimizer sums the replicas' gradients: scale for the global mean.
+                scaled = self.optimizer.scale_loss(loss / replicas)
+            grads = tape.gradient(scaled, self.model.trainable_variables)
+            if self.gradient_hook is not None:
+                grads = self.gradient_hook(grads)
+            self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
+            return loss
+
+        losses = self.strategy.run(step, args=(x, y))
+        return self.strategy.reduce(tf.distribute.ReduceOp.MEAN, losses, axis=None)
+
+    def _eval_step(self, x, y):
+        return eval_dice_per_sample(y, self.model(x, training=False), self.include_background)
+
+    def _predict_step(self, x):
+        return self.tf.cast(self.tf.argmax(self.model(x, training=False), axis=-1), self.tf.int8)
+
+    def distribute(self, dataset):
+        """The training dataset fed to every replica (each worker already reads its own shard)."""
+        if self.strategy.num_replicas_in_sync == 1:
+            return dataset
+        return self.strategy.experimental_distribute_dataset(dataset)
+
+    def train_step(self, x, y):
+        """One optimizer step on a batch; returns the loss tensor (not synced)."""
+        return self._train(x, y)
+
+    def eval_step(self, x, y):
+        """Per-sample hard dice scores of a batch: {name: (B,) numpy array}."""
+        return {k: v.numpy() for k, v in self._eval(x, y).items()}
+
+    def predict_step(self, x):
+        """Argmax masks of a batch as int8 numpy (B, D, H, W)."""
+        return self._predict(x).numpy()
+
+    @staticmethod
+    def to_float(loss):
+        """The value of a loss tensor (waits for the step to finish)."""
+        return float(loss.numpy())

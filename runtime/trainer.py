@@ -1,0 +1,64 @@
+"""The loops of every mode, the same on every backend: an engine runs the steps, hooks do the rest."""
+import os
+
+import numpy as np
+
+
+class Trainer:
+    """Runs training, evaluation and prediction with an engine's steps and a `Hooks` list.
+
+    `sync_every_step` (benchmarking) waits for each step so that its wall time is measured;
+    otherwise the loss is fetched only every `log_every` steps.
+    """
+
+    def __init__(self, engine, hooks, log_every, sync_every_step=False):
+        self.engine, self.hooks = engine, hooks
+        self.log_every, self.sync_every_step = log_every, sync_every_step
+
+    def train(self, dataset, first_step, last_step, batch_size):
+        """Steps first_step+1 .. last_step over `dataset`; returns the last loss (a float)."""
+        self.hooks.begin("train", last_step, first_step)
+        step, loss_value = first_step, None
+        batches = iter(self.engine.distribute(dataset))
+        for step in range(first_step + 1, last_step + 1):
+            x, y = next(batches)
+            loss = self.engine.train_step(x, y)
+            synced = self.sync_every_step or step % self.log_every == 0 or step == last_step
+            loss_value = self.engine.to_float(loss) if synced else None
+            if loss_value is not None and not np.isfinite(loss_value):
+                raise FloatingPointError(f"the loss became {loss_value} at step {step}; lower "
+                                         "--learning_rate or check the data")
+            self.hooks.after_step("train", step, batch_size, loss_value)
+        self.hooks.end("train", step, {})
+        return loss_value
+
+    def evaluate(self, dataset, step):
+        """Mean of each per-volume score over every volume of `dataset`."""
+        self.hooks.begin("eval", None, 0)
+        scores, count = {}, 0
+        for count, (x, y) in enumerate(dataset, start=1):
+            for key, values in self.engine.eval_step(x, y).items():
+                scores.setdefault(key, []).append(values)
+            self.hooks.after_step("eval", count, int(x.shape[0]), None)
+        results = {key: float(np.mean(np.concatenate(v))) for key, v in scores.items()}
+        self.hooks.end("eval", step, results)
+        return results
+
+    def predict(self, dataset, out_dir=None, mask_fn=None):
+        """Argmax masks of every volume; saved as out_dir/vol_<i>.npy unless out_dir is None.
+
+        `mask_fn(i, mask)` is called for every mask as well (extra formats). Returns the count.
+        """
+        self.hooks.begin("predict", None, 0)
+        index = 0
+        for step, x in enumerate(dataset, start=1):
+            masks = self.engine.predict_step(x)
+            for mask in masks:
+                if out_dir is not None:
+                    np.save(os.path.join(out_dir, f"vol_{index}.npy"), mask)
+                if mask_fn is not None:
+                    mask_fn(index, mask)
+                index += 1
+            self.hooks.after_step("predict", step, int(masks.shape[0]), None)
+        self.hooks.end("predict", index, {})
+        return index

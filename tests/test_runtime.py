@@ -1,0 +1,192 @@
+"""The runtime end to end on a tiny phantom set: every mode, resume, benchmark, determinism, errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from dataset.phantom import write_brats_phantom
+from dataset.preprocess_data import preprocess
+from main import main
+from runtime import checkpoint
+from runtime.hooks import benchmark_stats
+from tests.conftest import ROOT
+
+METRICS = {"TumorCore", "PeritumoralEdema", "EnhancingTumor", "MeanDice", "WholeTumor"}
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantom")
+    write_brats_phantom(str(root / "nifti"), 6, shape=(48, 48, 40), seed=5, workers=2)
+    preprocess(str(root / "nifti"), str(root / "records"), vol_per_file=1, single_data_dir=True, seed=0)
+    return str(root / "records")
+
+
+def flags(records, tmp_path, *extra, name="run"):
+    return ["--data_dir", records, "--model_dir", str(tmp_path / name / "model"),
+            "--log_dir", str(tmp_path / name / "logs"), "--batch_size", "2", "-d", "fp32",
+            "--num_folds", "3", "--seed", "3", "--log_every", "1", *extra]
+
+
+def read_log(tmp_path, name="run"):
+    with open(tmp_path / name / "logs" / "log.json") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def weights_of(model_dir):
+    step, path = checkpoint.latest_checkpoint(model_dir)
+    with np.load(path) as data:
+        return step, [data[k] for k in sorted(data.files) if k != "step"]
+
+
+def test_every_mode(records, tmp_path):
+    assert main(flags(records, tmp_path, "--exec_mode", "train", "--max_steps", "3")) == 0
+    model_dir = str(tmp_path / "run" / "model")
+    assert checkpoint.latest_checkpoint(model_dir)[0] == 3
+
+    assert main(flags(records, tmp_path, "--exec_mode", "evaluate")) == 0
+    evals = [e for e in read_log(tmp_path) if e["type"] == "eval"]
+    assert set(evals[-1]["data"]) == METRICS and evals[-1]["step"] == 3
+
+    assert main(flags(records, tmp_path, "--exec_mode", "predict", "--save_nifti")) == 0
+    masks = sorted(f for f in os.listdir(model_dir) if f.startswith("vol_"))
+    assert masks == ["vol_0.npy", "vol_1.npy"]  # fold 0 of 3 over 6 files: 2 volumes
+    mask = np.load(os.path.join(model_dir, "vol_0.npy"))
+    assert mask.shape == (32, 32, 32) and mask.dtype == np.int8 and mask.max() <= 3
+    assert len(os.listdir(os.path.join(model_dir, "nifti"))) == 2
+
+    assert main(flags(records, tmp_path, "--exec_mode", "train_and_evaluate", "--max_steps", "2",
+                      name="chain1")) == 0
+    assert {e["type"] for e in read_log(tmp_path, "chain1")} == {"train", "eval"}
+    assert main(flags(records, tmp_path, "--exec_mode", "train_and_predict", "--max_steps", "2",
+                      name="chain2")) == 0
+    assert os.path.exists(tmp_path / "chain2" / "model" / "vol_1.npy")
+    assert checkpoint.latest_checkpoint(str(tmp_path / "chain2" / "model"))[0] == 2
+
+
+def test_resume_continues_and_matches_an_uninterrupted_run(records, tmp_path):
+    assert main(flags(records, tmp_path, "--exec_mode", "train", "--max_steps", "4", name="whole")) == 0
+    assert main(flags(records, tmp_path, "--exec_mode", "train", "--max_steps", "2", name="split")) == 0
+    assert main(flags(records, tmp_path, "--exec_mode", "train", "--max_steps", "4",
+                      "--resume_training", name="split")) == 0
+    steps = [e["step"] for e in read_log(tmp_path, "split") if e["type"] == "train"]
+    assert steps == [1, 2, 3, 4]
+    whole_step, whole = weights_of(str(tmp_path / "whole" / "model"))
+    split_step, split = weights_of(str(tmp_path / "split" / "model"))
+    assert whole_step == split_step == 4
+    for a, b in zip(whole, split):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    losses = lambda name: [e["data"]["loss"] for e in read_log(tmp_path, name) if e["type"] == "train"]
+    np.testing.assert_allclose(losses("whole"), losses("split"), rtol=1e-5)
+
+
+def test_same_seed_same_losses(records, tmp_path):
+    for name in ("a", "b"):
+        assert main(flags(records, tmp_path, "--exec_mode", "train", "--max_steps", "3",
+                          "--disable_ckpt_saving", name=name)) == 0
+    losses = lambda name: [e["data"]["loss"] for e in read_log(tmp_path, name) if e["type"] == "train"]
+    assert len(losses("a")) == 3 and losses("a") == losses("b")
+    assert not os.path.exists(tmp_path / "a" / "model" / "checkpoints")
+
+
+def test_benchmark_statistics_on_known_times():
+    times = [0.5, 0.25, 0.25, 1.0]
+    stats = benchmark_stats(times, batch_size=2, mode="train")
+    mean, std = 0.5, np.std(times)
+    assert stats["throughput_train"] == pytest.approx(np.mean([4.0, 8.0, 8.0, 2.0]))
+    assert stats["latency_train"] == pytest.approx(500.0)
+    for name, z in (("90%", 1.645), ("95%", 1.960), ("99%", 2.576)):
+        assert stats[f"Latency_train {name}"] == pytest.approx(1000 * (mean + z * std / 2))
+
+
+def test_benchmark_reports_train_and_predict(records, tmp_path):
+    for mode in ("train", "predict"):
+        assert main(flags(records, tmp_path, "--exec_mode", mode, "--benchmark", "--max_steps", "4",
+                          "--warmup_steps", "2", name=mode)) == 0
+        bench = [e for e in read_log(tmp_path, mode) if e["type"] == "benchmark"]
+        assert len(bench) == 1
+        assert set(bench[0]["data"]) == {f"throughput_{mode}", f"latency_{mode}", f"Latency_{mode} 90%",
+                                         f"Latency_{mode} 95%", f"Latency_{mode} 99%"}
+        assert not os.path.exists(tmp_path / mode / "model" / "checkpoints")
+        assert not [f for f in os.listdir(tmp_path / mode / "model") if f.startswith("vol_")]
+
+
+def test_sigkill_while_saving_resumes_from_the_last_whole_checkpoint(records, tmp_path):
+    argv = flags(records, tmp_path, "--exec_mode", "train", "--max_steps", "50", "--ckpt_every", "2")
+    proc = subprocess.Popen([sys.executable, "main.py", *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt_dir = tmp_path / "run" / "model" / "checkpoints"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:  # wait for a write in progress after a first whole one
+            names = os.listdir(ckpt_dir) if ckpt_dir.exists() else []
+            if any(n.endswith(".tmp") for n in names) and any(n.endswith(".npz") for n in names):
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+        else:
+            pytest.fail("no checkpoint write was caught in progress")
+    finally:
+        proc.kill()
+        proc.wait()
+    whole = checkpoint.latest_checkpoint(str(tmp_path / "run" / "model"))
+    assert whole is not None
+    assert main(argv[:-2] + ["--ckpt_every", "0", "--max_steps", str(whole[0] + 1),
+                             "--resume_training"]) == 0
+    steps = [e["step"] for e in read_log(tmp_path) if e["type"] == "train"]
+    assert steps[-1] == whole[0] + 1 and checkpoint.latest_checkpoint(str(tmp_path / "run" / "model"))[0] == whole[0] + 1
+
+
+def run_cli(*argv):
+    return subprocess.run([sys.executable, "main.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def assert_one_line_error(result, text):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and text in lines[0], result.stderr
+
+
+def test_bad_input_gives_one_line_errors(records, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(run_cli(*flags(str(empty), tmp_path, "--exec_mode", "train")), str(empty))
+
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for name in sorted(os.listdir(records)):
+        (corrupt / name).write_bytes(open(os.path.join(records, name), "rb").read())
+    bad = corrupt / sorted(os.listdir(corrupt))[0]
+    bad.write_bytes(bad.read_bytes()[:-100])
+    assert_one_line_error(run_cli(*flags(str(corrupt), tmp_path, "--exec_mode", "train")), str(bad))
+
+    for mode in ("evaluate", "predict"):
+        assert_one_line_error(run_cli(*flags(records, tmp_path, "--exec_mode", mode, name="fresh")),
+                              "no checkpoint")
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    result = run_cli(*flags(records, tmp_path, "--exec_mode", "train"), "--model_dir", str(blocker / "m"))
+    assert_one_line_error(result, "not writable")
+
+    assert_one_line_error(run_cli(*flags(records, tmp_path, "--exec_mode", "train"), "--num_folds", "8",
+                                  "--fold", "7"), "no validation files")
+
+    result = run_cli(*flags(str(empty), tmp_path, "--exec_mode", "train"), "--tf_verbosity", "0")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_existing_checkpoint_is_never_overwritten_without_resume(records, tmp_path):
+    assert main(flags(records, tmp_path, "--exec_mode", "train", "--max_steps", "1")) == 0
+    before = weights_of(str(tmp_path / "run" / "model"))
+    result = run_cli(*flags(records, tmp_path, "--exec_mode", "train", "--max_steps", "2"))
+    assert_one_line_error(result, "--resume_training")
+    after = weights_of(str(tmp_path / "run" / "model"))
+    assert before[0] == after[0] == 1
