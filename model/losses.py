@@ -78,3 +78,35 @@ def eval_dice_per_sample(y, p, include_background=False):
     whole_p = ops.max(hard[..., 1:], axis=-1, keepdims=True)
     scores["WholeTumor"] = per_sample_dice(whole_y, whole_p)[:, 0]
     return scores
+
+
+# ---- V-Net (MSD) -------------------------------------------------------------------------------
+VNET_EPS = 1e-6
+
+
+def soft_dice_per_sample(y, p):
+    """Sørensen dice of every sample and class over all voxels: (2·Σ(p·y) + ε) / (Σ(p + y) + ε), (B, C)."""
+    y, p = ops.cast(y, "float32"), ops.cast(p, "float32")
+    axes = _spatial_axes(y)
+    return (2.0 * ops.sum(p * y, axis=axes) + VNET_EPS) / (ops.sum(p + y, axis=axes) + VNET_EPS)
+
+
+def vnet_dice_loss(y, p):
+    """Σ over classes (background included) of 1 − dice_c, dice_c averaged over the batch."""
+    return ops.sum(1.0 - ops.mean(soft_dice_per_sample(y, p), axis=0))
+
+
+def vnet_metrics(label_names):
+    """A metrics function `(y, p) -> {name: (B,)}`: each label's soft dice (`<label>_dice`, as the
+    reference reports) and the hard dice of argmax masks (`<label>_hard_dice`)."""
+    keys = [name.lower().replace(" ", "_") for name in label_names]
+
+    def metrics(y, p):
+        soft = soft_dice_per_sample(y, p)
+        hard_p = ops.one_hot(ops.argmax(p, axis=-1), len(keys))
+        hard = soft_dice_per_sample(y, hard_p)
+        scores = {f"{k}_dice": soft[:, i] for i, k in enumerate(keys)}
+        scores.update({f"{k}_hard_dice": hard[:, i] for i, k in enumerate(keys)})
+        return scores
+
+    return metrics

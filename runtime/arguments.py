@@ -37,6 +37,9 @@ def positive_float(text):
 
 def _add_run_flags(parser):
     group = parser.add_argument_group("run")
+    group.add_argument("--model", choices=("unet3d", "vnet"), default="unet3d",
+                       help="unet3d (BraTS TFRecords) or vnet (an MSD task folder) "
+                            "(default: %(default)s)")
     group.add_argument("--exec_mode", default="train_and_evaluate", choices=EXEC_MODES,
                        help="what to do (default: %(default)s)")
     group.add_argument("--model_dir", default="./results",
@@ -44,18 +47,18 @@ def _add_run_flags(parser):
     group.add_argument("--log_dir", default="/tmp/unet3d_logs",
                        help="JSON-lines log (log.json) and TensorBoard files (default: %(default)s)")
     group.add_argument("--data_dir", default=None,
-                       help="folder of preprocessed TFRecord files; without it the built-in "
-                            "phantom dataset is generated once and used")
-    group.add_argument("--batch_size", type=positive_int, default=2,
-                       help="batch size per device (default: %(default)s)")
-    group.add_argument("--max_steps", type=positive_int, default=16000,
-                       help="training steps in all, divided among the workers unless "
-                            "benchmarking (default: %(default)s)")
+                       help="unet3d: a folder of preprocessed TFRecord files; vnet: an MSD task "
+                            "folder (dataset.json); without it a built-in phantom dataset is "
+                            "generated once and used")
+    group.add_argument("--batch_size", type=positive_int, default=None,
+                       help="batch size per device (default: 2 for unet3d, 8 for vnet)")
     group.add_argument("--seed", type=non_negative_int, default=None,
                        help="seed for weights, shuffling and augmentation; two runs with the same "
-                            "seed give the same numbers on the same machine")
-    group.add_argument("--log_every", type=positive_int, default=100,
-                       help="log the training loss every N steps (default: %(default)s)")
+                            "seed give the same numbers on the same machine (default: none for "
+                            "unet3d, 0 for vnet)")
+    group.add_argument("--log_every", type=positive_int, default=None,
+                       help="log the training loss every N steps (default: 100 for unet3d, 10 "
+                            "for vnet)")
     group.add_argument("--resume_training", action="store_true",
                        help="continue from the newest checkpoint in model_dir")
     group.add_argument("--disable_ckpt_saving", action="store_true",
@@ -68,8 +71,14 @@ def _add_run_flags(parser):
                             "and the case's own grid, into model_dir/nifti")
     group.add_argument("--benchmark", action="store_true",
                        help="time every step and report throughput and latency")
-    group.add_argument("--warmup_steps", type=non_negative_int, default=40,
-                       help="steps left out of the benchmark statistics (default: %(default)s)")
+    group.add_argument("--warmup_steps", type=non_negative_int, default=None,
+                       help="steps left out of the benchmark statistics (default: 40 for unet3d, "
+                            "200 for vnet)")
+    group.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                       help="random flips (and for unet3d brightness) during training (default: "
+                            "on for unet3d, off for vnet)")
+    group.add_argument("--synth_data", action="store_true",
+                       help="deterministic synthetic data instead of data_dir")
     group.add_argument("--tensorboard_logging", action="store_true",
                        help="write TensorBoard scalars and hyper-parameters into log_dir")
     group.add_argument("--log_all_workers", action="store_true",
@@ -82,29 +91,101 @@ def _add_run_flags(parser):
 
 
 def _add_unet3d_flags(parser):
-    group = parser.add_argument_group("UNet3D on BraTS")
-    group.add_argument("--fold", type=non_negative_int, default=0,
-                       help="validation fold (default: %(default)s)")
-    group.add_argument("--num_folds", type=positive_int, default=5,
-                       help="number of cross-validation folds (default: %(default)s)")
-    group.add_argument("--learning_rate", type=positive_float, default=0.0002,
-                       help="Adam learning rate (default: %(default)s)")
-    group.add_argument("--loss", choices=("dice", "ce", "dice+ce"), default="dice+ce",
-                       help="training loss (default: %(default)s)")
+    group = parser.add_argument_group("UNet3D on BraTS (--model unet3d)")
+    group.add_argument("--max_steps", type=positive_int, default=None,
+                       help="training steps in all, divided among the workers unless "
+                            "benchmarking (default: 16000)")
+    group.add_argument("--fold", type=non_negative_int, default=None,
+                       help="validation fold (default: 0)")
+    group.add_argument("--num_folds", type=positive_int, default=None,
+                       help="number of cross-validation folds (default: 5)")
+    group.add_argument("--learning_rate", type=positive_float, default=None,
+                       help="Adam learning rate (default: 0.0002)")
+    group.add_argument("--loss", choices=("dice", "ce", "dice+ce"), default=None,
+                       help="training loss (default: dice+ce; vnet: dice)")
     group.add_argument("--normalization", choices=("instancenorm", "batchnorm", "groupnorm", "none"),
-                       default="instancenorm", help="normalization layer (default: %(default)s)")
-    group.add_argument("--include_background", action="store_true",
+                       default=None, help="normalization layer (default: instancenorm)")
+    group.add_argument("--include_background", action="store_const", const=True, default=None,
                        help="keep class 0 in the loss and the metrics")
-    group.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                       help="random flips and brightness during training (default: on)")
-    group.add_argument("--synth_data", action="store_true",
-                       help="deterministic synthetic data instead of data_dir")
+
+
+def _add_vnet_flags(parser):
+    group = parser.add_argument_group("V-Net on MSD data (--model vnet)")
+    group.add_argument("--data_normalization", choices=("zscore", "none"), default=None,
+                       help="per-volume intensity normalization of non-CT images (default: zscore)")
+    group.add_argument("--activation", choices=("relu", "elu"), default=None,
+                       help="activation after each convolution (default: relu)")
+    group.add_argument("--resize_interpolator", choices=("linear", "nearest", "bspline"), default=None,
+                       help="interpolation of images onto --input_shape (default: linear; labels "
+                            "always use nearest neighbour)")
+    group.add_argument("--normalization_layer", choices=("batchnorm", "instancenorm", "groupnorm", "none"),
+                       default=None, help="normalization after each convolution (default: batchnorm)")
+    group.add_argument("--pooling", choices=("conv_pool", "avg_pool", "max_pool"), default=None,
+                       help="down-sampling of the down blocks (default: conv_pool)")
+    group.add_argument("--upsampling", choices=("transposed_conv", "upsampling"), default=None,
+                       help="up-sampling of the up blocks (default: transposed_conv)")
+    group.add_argument("--input_shape", type=positive_int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                       help="grid every volume is resampled to (default: 32 32 32)")
+    group.add_argument("--downscale_blocks", type=positive_int, nargs="+", default=None,
+                       help="convolutions in each down block's residual block (default: 3 3 3)")
+    group.add_argument("--upscale_blocks", type=positive_int, nargs="+", default=None,
+                       help="convolutions in each up block's residual block (default: 3 3)")
+    group.add_argument("--convolution_size", type=int, choices=(3, 5), default=None,
+                       help="kernel size of the convolutions (default: 3)")
+    group.add_argument("--train_epochs", type=positive_int, default=None,
+                       help="passes over the training cases (default: 1)")
+    group.add_argument("--optimizer", choices=("rmsprop", "adam", "sgd"), default=None,
+                       help="optimizer (default: rmsprop, centered)")
+    group.add_argument("--gradient_clipping", choices=("global_norm", "none"), default=None,
+                       help="clip gradients to a global norm of 1.0 (default: global_norm)")
+    group.add_argument("--base_lr", type=positive_float, default=None,
+                       help="learning rate (default: 0.0001)")
+    group.add_argument("--momentum", type=float, default=None, help="optimizer momentum (default: 0.0)")
+    group.add_argument("--train_split", type=float, default=None,
+                       help="fraction of the training cases that train; the rest validate "
+                            "(default: 1.0)")
+    group.add_argument("--split_seed", type=non_negative_int, default=None,
+                       help="accepted for compatibility: as in the reference the split takes the "
+                            "cases in dataset.json order (default: 0)")
+
+
+COMMON_DEFAULTS = {"batch_size": (2, 8), "seed": (None, 0), "log_every": (100, 10),
+                   "warmup_steps": (40, 200), "augment": (True, False), "loss": ("dice+ce", "dice"),
+                   "dtype": ("bf16", "fp32")}
+UNET3D_DEFAULTS = {"max_steps": 16000, "fold": 0, "num_folds": 5, "learning_rate": 0.0002,
+                   "normalization": "instancenorm", "include_background": False}
+VNET_DEFAULTS = {"data_normalization": "zscore", "activation": "relu", "resize_interpolator": "linear",
+                 "normalization_layer": "batchnorm", "pooling": "conv_pool",
+                 "upsampling": "transposed_conv", "input_shape": [32, 32, 32],
+                 "downscale_blocks": [3, 3, 3], "upscale_blocks": [3, 3], "convolution_size": 3,
+                 "train_epochs": 1, "optimizer": "rmsprop", "gradient_clipping": "global_norm",
+                 "base_lr": 0.0001, "momentum": 0.0, "train_split": 1.0, "split_seed": 0}
+
+
+def apply_model_defaults(parser, args):
+    """Reject the other model's flags, then fill in this model's defaults."""
+    own, other = ((UNET3D_DEFAULTS, VNET_DEFAULTS) if args.model == "unet3d"
+                  else (VNET_DEFAULTS, UNET3D_DEFAULTS))
+    for name in other:
+        if getattr(args, name) is not None:
+            parser.error(f"argument --{name}: belongs to --model "
+                         f"{'vnet' if args.model == 'unet3d' else 'unet3d'}, not {args.model}")
+    if args.model == "vnet" and args.loss not in (None, "dice"):
+        parser.error(f"argument --loss: vnet trains with the dice loss, got {args.loss}")
+    column = 0 if args.model == "unet3d" else 1
+    for name, values in COMMON_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, values[column])
+    for name, value in own.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
 
 
 def _add_precision_flags(parser):
     group = parser.add_argument_group("precision and devices")
-    group.add_argument("--dtype", "-d", choices=("fp32", "bf16"), default="bf16",
-                       help="compute precision (default: %(default)s)")
+    group.add_argument("--dtype", "-d", choices=("fp32", "bf16"), default=None,
+                       help="compute precision (default: bf16 for unet3d, fp32 for vnet)")
     group.add_argument("--bf16_config_path", default=DEFAULT_BF16_CONFIG,
                        help="mixed-precision config for bf16 (default: bf16_config/unet.json)")
     group.add_argument("--use_amp", "--amp", dest="use_amp", action="store_true",
@@ -135,18 +216,26 @@ def build_parser():
     """The argparse parser of main.py."""
     parser = Parser(
         prog="main.py",
-        description="Train, evaluate and run 3-D segmentation networks (UNet3D on BraTS).")
+        description="Train, evaluate and run 3-D segmentation networks: UNet3D on BraTS, "
+                    "V-Net on Medical Segmentation Decathlon data.")
     _add_run_flags(parser)
     _add_unet3d_flags(parser)
+    _add_vnet_flags(parser)
     _add_precision_flags(parser)
     return parser
 
 
 def check_args(parser, args):
     """Cross-flag checks; a failure exits through `parser.error` with a one-line message."""
-    if args.fold >= args.num_folds:
+    apply_model_defaults(parser, args)
+    if args.model == "unet3d" and args.fold >= args.num_folds:
         parser.error(f"argument --fold: must be below --num_folds ({args.num_folds}), "
                      f"got {args.fold}")
+    if args.model == "vnet" and not 0.0 < args.train_split <= 1.0:
+        parser.error(f"argument --train_split: must be in (0, 1], got {args.train_split}")
+    if args.model == "vnet" and len(args.upscale_blocks) != len(args.downscale_blocks) - 1:
+        parser.error("argument --upscale_blocks: needs one block fewer than --downscale_blocks "
+                     f"({len(args.downscale_blocks)}), got {len(args.upscale_blocks)}")
     if args.data_dir is not None and not os.path.isdir(args.data_dir):
         parser.error(f"argument --data_dir: {args.data_dir} is not a folder")
     if args.bf16_config_path and args.dtype == "bf16" and not os.path.isfile(args.bf16_config_path):

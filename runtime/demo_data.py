@@ -1,15 +1,18 @@
-"""The built-in phantom BraTS dataset: generated and preprocessed once into a cache folder, then reused."""
+"""The built-in phantom datasets (BraTS and MSD hippocampus): made once into a cache folder, then reused."""
 import os
 import shutil
 import tempfile
 
 from dataset.phantom import write_brats_phantom
+from dataset.phantom_msd import write_msd_phantom
 from dataset.preprocess_data import preprocess
 
 VERSION = 1
 N_CASES = 30
 SHAPE = (80, 80, 56)
 SEED = 2024
+MSD_TRAIN = 80
+MSD_TEST = 8
 
 
 def cache_root():
@@ -20,25 +23,41 @@ def cache_root():
     return os.path.join(base, "unet3d_medical")
 
 
-def phantom_records(n_cases=N_CASES, shape=SHAPE, seed=SEED):
-    """The folder of the phantom dataset's TFRecords, made on first use (atomically)."""
-    name = f"brats_phantom_v{VERSION}_{n_cases}x{'x'.join(map(str, shape))}_seed{seed}"
+def _cached(name, make):
+    """cache_root()/name, made on first use by `make(work_dir) -> folder inside work_dir`, atomically."""
     final = os.path.join(cache_root(), name)
     if os.path.isdir(final):
         return final
     os.makedirs(cache_root(), exist_ok=True)
-    print(f"making the phantom BraTS dataset ({n_cases} cases of {shape}) in {final}", flush=True)
+    print(f"making the phantom dataset {final}", flush=True)
     work = tempfile.mkdtemp(prefix=f".{name}-", dir=cache_root())
     try:
-        write_brats_phantom(os.path.join(work, "nifti"), n_cases, shape=shape, seed=seed,
-                            workers=os.cpu_count())
-        preprocess(os.path.join(work, "nifti"), os.path.join(work, "records"), vol_per_file=2,
-                   single_data_dir=True, seed=seed)
+        made = make(work)
         try:
-            os.rename(os.path.join(work, "records"), final)
+            os.rename(made, final)
         except OSError:
             if not os.path.isdir(final):  # another process finished first: use its copy
                 raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return final
+
+
+def phantom_brats(n_cases=N_CASES, shape=SHAPE, seed=SEED):
+    """The folder of the phantom BraTS dataset's TFRecords."""
+    def make(work):
+        write_brats_phantom(os.path.join(work, "nifti"), n_cases, shape=shape, seed=seed,
+                            workers=os.cpu_count())
+        preprocess(os.path.join(work, "nifti"), os.path.join(work, "records"), vol_per_file=2,
+                   single_data_dir=True, seed=seed)
+        return os.path.join(work, "records")
+
+    return _cached(f"brats_phantom_v{VERSION}_{n_cases}x{'x'.join(map(str, shape))}_seed{seed}", make)
+
+
+def phantom_msd(n_train=MSD_TRAIN, n_test=MSD_TEST, seed=SEED):
+    """The folder of the phantom MSD hippocampus task (dataset.json and NIfTI files)."""
+    def make(work):
+        return write_msd_phantom(os.path.join(work, "task"), n_train, n_test, seed=seed)
+
+    return _cached(f"msd_hippocampus_phantom_v{VERSION}_{n_train}+{n_test}_seed{seed}", make)

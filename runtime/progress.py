@@ -1,4 +1,5 @@
-"""A small progress bar for long work: redrawn in place on a terminal, a few plain lines elsewhere."""
+"""A small progress bar for long work: redrawn in place on a terminal (stderr), else a few plain
+lines on stdout, so that stderr holds nothing but errors."""
 import sys
 import time
 
@@ -8,7 +9,7 @@ class Progress:
 
     def __init__(self, total, label, stream=None, width=30):
         self.total, self.label, self.width = total, label, width
-        self.stream = stream or sys.stderr
+        self.stream = stream or (sys.stderr if sys.stderr.isatty() else sys.stdout)
         self.tty = self.stream.isatty()
         self.done = 0
         self.start = time.perf_counter()

@@ -7,6 +7,7 @@ from runtime import checkpoint
 from runtime.errors import UserError
 from runtime.hooks import (BenchmarkHook, CheckpointHook, Hooks, Logger, LoggingHook, ProgressHook,
                            TensorBoardHook)
+from runtime.tasks import make_task
 from runtime.trainer import Trainer
 
 TRAINS = ("train", "train_and_evaluate", "train_and_predict")
@@ -43,33 +44,6 @@ def configure(args):
     if args.use_xla is None:
         args.use_xla = bool(tf.config.list_physical_devices("GPU"))
     return tf
-
-
-def make_data(args, worker_id=0, num_workers=1):
-    """The dataset object of the run: synthetic, the user's records, or the phantom dataset."""
-    from dataset.data_loader import BratsData, SyntheticData
-    if args.synth_data:
-        return SyntheticData(args.batch_size, seed=args.seed, augment=args.augment)
-    data_dir = args.data_dir
-    if data_dir is None:
-        from runtime.demo_data import phantom_records
-        data_dir = phantom_records()
-    return BratsData(data_dir, args.batch_size, fold=args.fold, num_folds=args.num_folds,
-                     seed=args.seed, augment=args.augment, worker_id=worker_id,
-                     num_workers=num_workers)
-
-
-def make_model(args, in_channels=4):
-    """The network, its optimizer and its loss."""
-    import keras
-
-    from model.losses import get_loss
-    from model.unet3d import build_unet3d
-    model = build_unet3d(in_channels=in_channels, normalization=args.normalization, seed=args.seed)
-    optimizer = keras.optimizers.Adam(args.learning_rate)
-    if args.use_amp:
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    return model, optimizer, get_loss(args.loss, args.include_background)
 
 
 def make_hooks(args, logger, save_fn, global_batch):
@@ -115,12 +89,16 @@ def run(args):
     worker_id, num_workers = 0, 1
     writable_dir(args.model_dir, "--model_dir")
     logger = Logger(writable_dir(args.log_dir, "--log_dir"))
-    data = make_data(args, worker_id, num_workers)
-    model, optimizer, loss_fn = make_model(args)
+    task = make_task(args)
+    data = task.data(worker_id, num_workers)
+    model, optimizer = task.model(data), task.optimizer()
+    if args.use_amp:
+        import keras
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    loss_fn, metrics_fn = task.loss_and_metrics(data)
 
     from runtime.tf_engine import TFEngine
-    engine = TFEngine(model, optimizer, loss_fn, use_xla=args.use_xla,
-                      include_background=args.include_background)
+    engine = TFEngine(model, optimizer, loss_fn, metrics_fn, use_xla=args.use_xla)
     save_fn = None
     if args.exec_mode in TRAINS and not args.benchmark and not args.disable_ckpt_saving:
         save_fn = lambda step: checkpoint.save(args.model_dir, step, model, optimizer)  # noqa: E731
@@ -131,9 +109,9 @@ def run(args):
     step = None
     if args.exec_mode in TRAINS:
         first = 0 if args.benchmark else start_step_for_training(args, model, optimizer)
-        last = args.max_steps if args.benchmark else max(1, args.max_steps // num_workers)
+        last = task.last_step(data, num_workers)
         if first >= last:
-            print(f"already trained to step {first} (max_steps {last}); nothing to train", flush=True)
+            print(f"already trained to step {first} (last step {last}); nothing to train", flush=True)
         else:
             results["loss"] = trainer.train(data.train_dataset(first), first, last, args.batch_size)
         step = max(first, last)
@@ -143,20 +121,18 @@ def run(args):
     if args.exec_mode in EVALUATES:
         results["eval"] = trainer.evaluate(data.eval_dataset(), step)
     if args.exec_mode in PREDICTS:
-        results["predictions"] = predict(args, data, trainer)
+        results["predictions"] = predict(args, task, data, trainer)
     return results
 
 
-def predict(args, data, trainer):
-    """Masks of every validation volume into model_dir (none when benchmarking); returns the count."""
+def predict(args, task, data, trainer):
+    """A mask per prediction volume into model_dir (none when benchmarking); returns the count."""
     dataset = data.test_dataset()
+    names = task.mask_names(data)
     if args.benchmark:
-        repeats = max(1, math.ceil(2 * args.warmup_steps * args.batch_size / max(data.n_eval, 1)))
+        repeats = max(1, math.ceil(2 * args.warmup_steps * args.batch_size / max(len(names), 1)))
         return trainer.predict(dataset.repeat(repeats))
-    mask_fn = None
-    if args.save_nifti:
-        from runtime.masks import nifti_writer
-        mask_fn = nifti_writer(os.path.join(args.model_dir, "nifti"), data.eval_records)
-    count = trainer.predict(dataset, args.model_dir, mask_fn)
+    mask_fn = task.nifti_writer(data, os.path.join(args.model_dir, "nifti")) if args.save_nifti else None
+    count = trainer.predict(dataset, args.model_dir, names, mask_fn)
     print(f"wrote {count} masks to {args.model_dir}", flush=True)
     return count

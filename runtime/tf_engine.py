@@ -4,20 +4,17 @@ With the default strategy this is a plain single-device `tf.function` (XLA when 
 multi-device or multi-worker strategy each step runs on every replica through `strategy.run`;
 the optimizer all-reduces the gradients.
 """
-from model.losses import eval_dice_per_sample
 from runtime.quiet_import import import_tensorflow
 
 
 class TFEngine:
-    """Compiled steps of one model, optimizer and loss."""
+    """Compiled steps of one model, optimizer, loss `(y, p) -> scalar` and metrics `(y, p) -> {name: (B,)}`."""
 
-    def __init__(self, model, optimizer, loss_fn, use_xla=False, strategy=None,
-                 include_background=False, gradient_hook=None):
+    def __init__(self, model, optimizer, loss_fn, metrics_fn, use_xla=False, strategy=None):
         self.tf = tf = import_tensorflow()
-        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.model, self.optimizer = model, optimizer
+        self.loss_fn, self.metrics_fn = loss_fn, metrics_fn
         self.strategy = strategy or tf.distribute.get_strategy()
-        self.include_background = include_background
-        self.gradient_hook = gradient_hook
         self._train = tf.function(self._replica_train_step, jit_compile=use_xla)
         self._eval = tf.function(self._eval_step, jit_compile=use_xla, reduce_retracing=True)
         self._predict = tf.function(self._predict_step, jit_compile=use_xla, reduce_retracing=True)
@@ -33,8 +30,6 @@ class TFEngine:
                 # The optimizer sums the replicas' gradients: scale for the global mean.
                 scaled = self.optimizer.scale_loss(loss / replicas)
             grads = tape.gradient(scaled, self.model.trainable_variables)
-            if self.gradient_hook is not None:
-                grads = self.gradient_hook(grads)
             self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
             return loss
 
@@ -42,7 +37,7 @@ class TFEngine:
         return self.strategy.reduce(tf.distribute.ReduceOp.MEAN, losses, axis=None)
 
     def _eval_step(self, x, y):
-        return eval_dice_per_sample(y, self.model(x, training=False), self.include_background)
+        return self.metrics_fn(y, self.model(x, training=False))
 
     def _predict_step(self, x):
         return self.tf.cast(self.tf.argmax(self.model(x, training=False), axis=-1), self.tf.int8)

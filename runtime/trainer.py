@@ -44,8 +44,8 @@ class Trainer:
         self.hooks.end("eval", step, results)
         return results
 
-    def predict(self, dataset, out_dir=None, mask_fn=None):
-        """Argmax masks of every volume; saved as out_dir/vol_<i>.npy unless out_dir is None.
+    def predict(self, dataset, out_dir=None, names=None, mask_fn=None):
+        """Argmax masks of every volume; mask i is saved as out_dir/<names[i]>.npy unless out_dir is None.
 
         `mask_fn(i, mask)` is called for every mask as well (extra formats). Returns the count.
         """
@@ -55,7 +55,7 @@ class Trainer:
             masks = self.engine.predict_step(x)
             for mask in masks:
                 if out_dir is not None:
-                    np.save(os.path.join(out_dir, f"vol_{index}.npy"), mask)
+                    np.save(os.path.join(out_dir, f"{names[index]}.npy"), mask)
                 if mask_fn is not None:
                     mask_fn(index, mask)
                 index += 1

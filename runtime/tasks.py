@@ -1,0 +1,138 @@
+"""What differs between the two networks: data, model, optimizer, loss, metrics, steps and outputs.
+
+`make_task(args)` returns a UNet3DTask or a VNetTask; runtime/run.py drives either the same way.
+"""
+import math
+import os
+
+from runtime.errors import UserError
+
+
+class UNet3DTask:
+    """UNet3D on BraTS TFRecords (or the phantom BraTS data, or synthetic data)."""
+
+    def __init__(self, args):
+        self.args = args
+
+    def data(self, worker_id=0, num_workers=1):
+        """The BraTS pipelines of this worker."""
+        from dataset.data_loader import BratsData, SyntheticData
+        a = self.args
+        if a.synth_data:
+            return SyntheticData(a.batch_size, seed=a.seed, augment=a.augment)
+        data_dir = a.data_dir
+        if data_dir is None:
+            from runtime.demo_data import phantom_brats
+            data_dir = phantom_brats()
+        return BratsData(data_dir, a.batch_size, fold=a.fold, num_folds=a.num_folds, seed=a.seed,
+                         augment=a.augment, worker_id=worker_id, num_workers=num_workers)
+
+    def model(self, data):
+        """The UNet3D of SPEC §1.4."""
+        from model.unet3d import build_unet3d
+        return build_unet3d(in_channels=4, normalization=self.args.normalization, seed=self.args.seed)
+
+    def optimizer(self):
+        """Adam(learning_rate)."""
+        import keras
+        return keras.optimizers.Adam(self.args.learning_rate)
+
+    def loss_and_metrics(self, data):
+        """(loss_fn, metrics_fn) of SPEC §1.5."""
+        from model.losses import eval_dice_per_sample, get_loss
+        include = self.args.include_background
+        return get_loss(self.args.loss, include), lambda y, p: eval_dice_per_sample(y, p, include)
+
+    def last_step(self, data, num_workers):
+        """max_steps, divided among the workers unless benchmarking."""
+        if self.args.benchmark:
+            return self.args.max_steps
+        return max(1, self.args.max_steps // num_workers)
+
+    def mask_names(self, data):
+        """vol_<i> for the i-th validation volume."""
+        return [f"vol_{i}" for i in range(data.n_eval)]
+
+    def nifti_writer(self, data, out_dir):
+        """Masks as <case>.nii.gz in BraTS labels on the case's grid."""
+        from runtime.masks import nifti_writer
+        return nifti_writer(out_dir, data.eval_records)
+
+
+class VNetTask:
+    """V-Net on an MSD task folder (or the phantom hippocampus data)."""
+
+    def __init__(self, args):
+        self.args = args
+        if args.synth_data:
+            raise UserError("--synth_data: synthetic data is for --model unet3d only")
+
+    def data(self, worker_id=0, num_workers=1):
+        """The MSD pipelines of this worker."""
+        from dataset.msd_loader import MsdData
+        a = self.args
+        data_dir = a.data_dir
+        if data_dir is None:
+            from runtime.demo_data import phantom_msd
+            data_dir = phantom_msd()
+        return MsdData(data_dir, a.input_shape, a.batch_size, train_split=a.train_split, seed=a.seed,
+                       augment=a.augment, interpolator=a.resize_interpolator,
+                       data_normalization=a.data_normalization, worker_id=worker_id,
+                       num_workers=num_workers,
+                       need_eval=a.exec_mode in ("evaluate", "train_and_evaluate"),
+                       need_test=a.exec_mode in ("predict", "train_and_predict"))
+
+    def model(self, data):
+        """The V-Net of SPEC §2.3 for the task's classes."""
+        from model.vnet import VNetConfig, build_vnet
+        a = self.args
+        config = VNetConfig(n_classes=data.n_classes, downscale_blocks=a.downscale_blocks,
+                            upscale_blocks=a.upscale_blocks, convolution_size=a.convolution_size,
+                            normalization=a.normalization_layer, activation=a.activation,
+                            pooling=a.pooling, upsampling=a.upsampling)
+        return build_vnet(tuple(a.input_shape) + (1,), config, seed=a.seed)
+
+    def optimizer(self):
+        """Centered RMSprop (or Adam, SGD) at base_lr, gradients clipped to a global norm of 1."""
+        import keras
+        a = self.args
+        clip = 1.0 if a.gradient_clipping == "global_norm" else None
+        if a.optimizer == "rmsprop":
+            return keras.optimizers.RMSprop(a.base_lr, momentum=a.momentum, centered=True,
+                                            global_clipnorm=clip)
+        if a.optimizer == "adam":
+            return keras.optimizers.Adam(a.base_lr, global_clipnorm=clip)
+        return keras.optimizers.SGD(a.base_lr, momentum=a.momentum, global_clipnorm=clip)
+
+    def loss_and_metrics(self, data):
+        """(the dice loss over every class, soft and hard dice per label)."""
+        from model.losses import vnet_dice_loss, vnet_metrics
+        return vnet_dice_loss, vnet_metrics(data.label_names)
+
+    def last_step(self, data, num_workers):
+        """⌈n_train / (batch · workers)⌉ · train_epochs; 2 · warmup_steps when benchmarking."""
+        if self.args.benchmark:
+            return 2 * self.args.warmup_steps
+        return math.ceil(data.n_train / (self.args.batch_size * num_workers)) * self.args.train_epochs
+
+    def mask_names(self, data):
+        """The test images' names."""
+        return data.test_names
+
+    def nifti_writer(self, data, out_dir):
+        """Masks resampled back onto each test image's own grid, as <name>.nii.gz."""
+        import SimpleITK as sitk
+
+        from dataset.msd import mask_to_source_grid
+        os.makedirs(out_dir, exist_ok=True)
+
+        def write(index, mask):
+            image = mask_to_source_grid(mask, data.test_paths[index])
+            sitk.WriteImage(image, os.path.join(out_dir, f"{data.test_names[index]}.nii.gz"))
+
+        return write
+
+
+def make_task(args):
+    """The task of `args.model`."""
+    return UNet3DTask(args) if args.model == "unet3d" else VNetTask(args)
