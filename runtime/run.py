@@ -83,41 +83,73 @@ def start_step_for_training(args, model, optimizer):
     return step
 
 
-def run(args):
-    """Run the modes `args.exec_mode` asks for; returns a dict of what each produced."""
-    configure(args)
-    worker_id, num_workers = 0, 1
-    writable_dir(args.model_dir, "--model_dir")
-    logger = Logger(writable_dir(args.log_dir, "--log_dir"))
-    task = make_task(args)
-    data = task.data(worker_id, num_workers)
-    model, optimizer = task.model(data), task.optimizer()
-    if args.use_amp:
-        import keras
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    loss_fn, metrics_fn = task.loss_and_metrics(data)
+def worker_dirs(args, cluster):
+    """With --log_all_workers every worker gets model_dir/worker_N and log_dir/worker_N."""
+    if args.log_all_workers and cluster.num_workers > 1:
+        args.model_dir = os.path.join(args.model_dir, f"worker_{cluster.worker_id}")
+        args.log_dir = os.path.join(args.log_dir, f"worker_{cluster.worker_id}")
+    return cluster.is_chief or args.log_all_workers
+
+
+def build(args, task, data, cluster):
+    """Model, optimizer (built, so its state can be restored) and engine, on the cluster's devices."""
+    import keras
 
     from runtime.tf_engine import TFEngine
-    engine = TFEngine(model, optimizer, loss_fn, metrics_fn, use_xla=args.use_xla)
-    save_fn = None
-    if args.exec_mode in TRAINS and not args.benchmark and not args.disable_ckpt_saving:
-        save_fn = lambda step: checkpoint.save(args.model_dir, step, model, optimizer)  # noqa: E731
-    hooks = make_hooks(args, logger, save_fn, args.batch_size * num_workers)
-    trainer = Trainer(engine, hooks, args.log_every, sync_every_step=args.benchmark)
-    results = {}
+    with cluster.strategy.scope():
+        model, optimizer = task.model(data), task.optimizer()
+        if args.use_amp:
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer.build(model.trainable_variables)
+    loss_fn, metrics_fn = task.loss_and_metrics(data)
+    hvd = cluster.horovod
+    all_reduce = (lambda grads: [hvd.allreduce(g) for g in grads]) if hvd else None
+    engine = TFEngine(model, optimizer, loss_fn, metrics_fn, use_xla=args.use_xla,
+                      strategy=cluster.strategy, all_reduce=all_reduce)
+    return model, optimizer, engine
 
-    step = None
+
+def run(args):
+    """Run the modes `args.exec_mode` asks for; returns a dict of what each produced."""
+    from runtime.cluster import make_cluster
+    tf = configure(args)
+    cluster = make_cluster(args, tf)
+    writes = worker_dirs(args, cluster)
+    if writes:
+        writable_dir(args.model_dir, "--model_dir")
+    logger = Logger(writable_dir(args.log_dir, "--log_dir") if writes else None, enabled=writes)
+    task = make_task(args)
+    data = task.data(cluster.worker_id, cluster.num_workers)
+    model, optimizer, engine = build(args, task, data, cluster)
+
+    save_fn = None
+    if args.exec_mode in TRAINS and writes and not args.benchmark and not args.disable_ckpt_saving:
+        save_fn = lambda step: checkpoint.save(args.model_dir, step, model, optimizer)  # noqa: E731
+    hooks = make_hooks(args, logger, save_fn, args.batch_size * cluster.num_replicas)
+    trainer = Trainer(engine, hooks, args.log_every, sync_every_step=args.benchmark)
+    with cluster.failures(tf):
+        return run_modes(args, task, data, cluster, model, optimizer, trainer)
+
+
+def run_modes(args, task, data, cluster, model, optimizer, trainer):
+    """Train, evaluate and predict as `args.exec_mode` asks; returns what each produced."""
+    results, step = {}, None
     if args.exec_mode in TRAINS:
         first = 0 if args.benchmark else start_step_for_training(args, model, optimizer)
-        last = task.last_step(data, num_workers)
+        if cluster.horovod:
+            cluster.horovod.broadcast_variables(model.variables + optimizer.variables, root_rank=0)
+        last = task.last_step(data, cluster.num_replicas)
         if first >= last:
             print(f"already trained to step {first} (last step {last}); nothing to train", flush=True)
         else:
-            results["loss"] = trainer.train(data.train_dataset(first), first, last, args.batch_size)
+            results["loss"] = trainer.train(lambda: data.train_dataset(first), first, last,
+                                            args.batch_size * cluster.num_replicas)
         step = max(first, last)
-    elif not args.benchmark or args.exec_mode in EVALUATES:
+    elif cluster.is_chief and (not args.benchmark or args.exec_mode in EVALUATES):
         step = restore_for_inference(args, model)
 
+    if not cluster.is_chief:  # worker 0 alone evaluates and predicts
+        return results
     if args.exec_mode in EVALUATES:
         results["eval"] = trainer.evaluate(data.eval_dataset(), step)
     if args.exec_mode in PREDICTS:

@@ -2,7 +2,7 @@
 
 With the default strategy this is a plain single-device `tf.function` (XLA when asked). Under a
 multi-device or multi-worker strategy each step runs on every replica through `strategy.run`;
-the optimizer all-reduces the gradients.
+the optimizer all-reduces the gradients. With Horovod, `all_reduce` averages them instead.
 """
 from runtime.quiet_import import import_tensorflow
 
@@ -10,11 +10,13 @@ from runtime.quiet_import import import_tensorflow
 class TFEngine:
     """Compiled steps of one model, optimizer, loss `(y, p) -> scalar` and metrics `(y, p) -> {name: (B,)}`."""
 
-    def __init__(self, model, optimizer, loss_fn, metrics_fn, use_xla=False, strategy=None):
+    def __init__(self, model, optimizer, loss_fn, metrics_fn, use_xla=False, strategy=None,
+                 all_reduce=None):
         self.tf = tf = import_tensorflow()
         self.model, self.optimizer = model, optimizer
         self.loss_fn, self.metrics_fn = loss_fn, metrics_fn
         self.strategy = strategy or tf.distribute.get_strategy()
+        self.all_reduce = all_reduce
         self._train = tf.function(self._replica_train_step, jit_compile=use_xla)
         self._eval = tf.function(self._eval_step, jit_compile=use_xla, reduce_retracing=True)
         self._predict = tf.function(self._predict_step, jit_compile=use_xla, reduce_retracing=True)
@@ -30,6 +32,8 @@ class TFEngine:
                 # The optimizer sums the replicas' gradients: scale for the global mean.
                 scaled = self.optimizer.scale_loss(loss / replicas)
             grads = tape.gradient(scaled, self.model.trainable_variables)
+            if self.all_reduce is not None:
+                grads = self.all_reduce(grads)
             self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
             return loss
 
@@ -42,11 +46,11 @@ class TFEngine:
     def _predict_step(self, x):
         return self.tf.cast(self.tf.argmax(self.model(x, training=False), axis=-1), self.tf.int8)
 
-    def distribute(self, dataset):
-        """The training dataset fed to every replica (each worker already reads its own shard)."""
+    def distribute(self, make_dataset):
+        """The training batches of `make_dataset()` (this worker's shard), fed to its replicas."""
         if self.strategy.num_replicas_in_sync == 1:
-            return dataset
-        return self.strategy.experimental_distribute_dataset(dataset)
+            return make_dataset()
+        return self.strategy.distribute_datasets_from_function(lambda context: make_dataset())
 
     def train_step(self, x, y):
         """One optimizer step on a batch; returns the loss tensor (not synced)."""

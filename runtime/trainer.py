@@ -15,11 +15,11 @@ class Trainer:
         self.engine, self.hooks = engine, hooks
         self.log_every, self.sync_every_step = log_every, sync_every_step
 
-    def train(self, dataset, first_step, last_step, batch_size):
-        """Steps first_step+1 .. last_step over `dataset`; returns the last loss (a float)."""
+    def train(self, make_dataset, first_step, last_step, batch_size):
+        """Steps first_step+1 .. last_step over `make_dataset()`; returns the last loss (a float)."""
         self.hooks.begin("train", last_step, first_step)
         step, loss_value = first_step, None
-        batches = iter(self.engine.distribute(dataset))
+        batches = iter(self.engine.distribute(make_dataset))
         for step in range(first_step + 1, last_step + 1):
             x, y = next(batches)
             loss = self.engine.train_step(x, y)

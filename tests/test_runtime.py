@@ -64,9 +64,9 @@ def test_every_mode(records, tmp_path):
                       name="chain1")) == 0
     assert {e["type"] for e in read_log(tmp_path, "chain1")} == {"train", "eval"}
     assert main(flags(records, tmp_path, "--exec_mode", "train_and_predict", "--max_steps", "2",
-                      name="chain2")) == 0
+                      "--disable_ckpt_saving", name="chain2")) == 0
     assert os.path.exists(tmp_path / "chain2" / "model" / "vol_1.npy")
-    assert checkpoint.latest_checkpoint(str(tmp_path / "chain2" / "model"))[0] == 2
+    assert not os.path.exists(tmp_path / "chain2" / "model" / "checkpoints")
 
 
 def test_resume_continues_and_matches_an_uninterrupted_run(records, tmp_path):
@@ -82,16 +82,9 @@ def test_resume_continues_and_matches_an_uninterrupted_run(records, tmp_path):
     for a, b in zip(whole, split):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     losses = lambda name: [e["data"]["loss"] for e in read_log(tmp_path, name) if e["type"] == "train"]
+    # Same seed, same machine: the first two steps of both runs log the very same numbers.
+    assert losses("whole")[:2] == losses("split")[:2]
     np.testing.assert_allclose(losses("whole"), losses("split"), rtol=1e-5)
-
-
-def test_same_seed_same_losses(records, tmp_path):
-    for name in ("a", "b"):
-        assert main(flags(records, tmp_path, "--exec_mode", "train", "--max_steps", "3",
-                          "--disable_ckpt_saving", name=name)) == 0
-    losses = lambda name: [e["data"]["loss"] for e in read_log(tmp_path, name) if e["type"] == "train"]
-    assert len(losses("a")) == 3 and losses("a") == losses("b")
-    assert not os.path.exists(tmp_path / "a" / "model" / "checkpoints")
 
 
 def test_benchmark_statistics_on_known_times():

@@ -1,0 +1,54 @@
+"""5-cross-validation.sh on phantom records: five folds, the table, re-runs and failures."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dataset.phantom import write_brats_phantom
+from dataset.preprocess_data import preprocess
+from runtime.parse_results import METRICS, table
+from tests.conftest import ROOT
+
+SCRIPT = os.path.join(ROOT, "5-cross-validation.sh")
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cv")
+    write_brats_phantom(str(root / "nifti"), 5, shape=(40, 40, 36), seed=8, workers=2)
+    preprocess(str(root / "nifti"), str(root / "records"), vol_per_file=1, single_data_dir=True, seed=0)
+    return str(root / "records")
+
+
+def run_script(records, results, *extra):
+    env = {**os.environ, "PYTHON": sys.executable}
+    return subprocess.run(["bash", SCRIPT, records, str(results), "1", "fp32", "--max_steps", "1",
+                           "--seed", "0", "--log_every", "1", *extra],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_folds_stop_on_failure_resume_and_skip_what_is_done(records, tmp_path):
+    results = tmp_path / "results"
+    (results / "fold_2").mkdir(parents=True)
+    (results / "fold_2" / "checkpoints").write_text("a file where a folder belongs")
+    failed = run_script(records, results)
+    assert failed.returncode == 1
+    assert "fold 2 failed" in failed.stderr and "run the same command again" in failed.stderr
+    assert os.path.exists(results / "fold_1" / "log.json") and not os.path.exists(results / "fold_3")
+
+    os.remove(results / "fold_2" / "checkpoints")
+    finished = run_script(records, results)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert finished.stdout.count("already evaluated, skipped") == 2
+    rows = finished.stdout.strip().splitlines()[-7:]
+    assert rows[0].split() == ["fold", *METRICS]
+    assert [r.split()[0] for r in rows[1:]] == ["0", "1", "2", "3", "4", "mean"]
+    values = [[float(v) for v in r.split()[1:]] for r in rows[1:]]
+    for column in range(len(METRICS)):
+        assert values[5][column] == pytest.approx(sum(v[column] for v in values[:5]) / 5, abs=1e-4)
+
+    again = run_script(records, results)
+    assert again.returncode == 0
+    assert again.stdout.count("already evaluated, skipped") == 5
+    assert again.stdout.strip().splitlines()[-7:] == rows == table(str(results)).splitlines()

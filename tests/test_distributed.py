@@ -1,0 +1,200 @@
+"""Many workers on localhost (CPU): tf.distribute through TF_CONFIG and mpirun, a lost worker, Horovod."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from dataset.phantom import write_brats_phantom
+from dataset.preprocess_data import preprocess
+from runtime import checkpoint
+from tests.conftest import ROOT
+
+MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
+
+
+@pytest.fixture(scope="module")
+def same_volume_records(tmp_path_factory):
+    """Six record files holding one and the same 32³ volume: with no augmentation every batch of
+    every worker is then that volume, whatever the sharding and shuffling, so two workers of batch
+    1 and one worker of batch 2 compute the same gradients."""
+    root = tmp_path_factory.mktemp("same")
+    write_brats_phantom(str(root / "nifti"), 1, shape=(32, 32, 32), seed=2)
+    (path,) = preprocess(str(root / "nifti"), str(root / "one"), single_data_dir=True, seed=0)
+    os.makedirs(root / "records")
+    for k in range(6):
+        shutil.copy(path, root / "records" / f"volume-{k}.tfrecord")
+    return str(root / "records")
+
+
+def free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def train_flags(records, out, batch, steps, *extra):
+    return ["main.py", "--data_dir", records, "--model_dir", str(out / "model"), "--log_dir",
+            str(out / "logs"), "--batch_size", str(batch), "-d", "fp32", "--num_folds", "3",
+            "--seed", "3", "--log_every", "1", "--no-augment", "--exec_mode", "train",
+            "--max_steps", str(steps), *extra]
+
+
+def launch_tf_config(records, out, n=2, steps=6, extra=()):
+    ports = free_ports(n)
+    procs = []
+    for index in range(n):
+        config = {"cluster": {"worker": [f"localhost:{p}" for p in ports]},
+                  "task": {"type": "worker", "index": index}}
+        env = {**os.environ, "TF_CONFIG": json.dumps(config)}
+        procs.append(subprocess.Popen([sys.executable, *train_flags(records, out, 1, steps, *extra)],
+                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    return procs
+
+
+def weights(model_dir):
+    step, path = checkpoint.latest_checkpoint(model_dir)
+    with np.load(path) as data:
+        return step, [data[k] for k in sorted(data.files) if k != "step"]
+
+
+def assert_matches_single_worker(records, tmp_path, out):
+    single = tmp_path / "single"
+    result = subprocess.run([sys.executable, *train_flags(records, single, 2, 3)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    step0, w0 = weights(str(out / "model" / "worker_0"))
+    step1, w1 = weights(str(out / "model" / "worker_1"))
+    assert step0 == step1 == 3  # max_steps 6 divided among 2 workers
+    for a, b in zip(w0, w1):  # the replicas are mirrored: bit for bit the same
+        np.testing.assert_array_equal(a, b)
+    step, ws = weights(str(single / "model"))
+    assert step == 3
+    # Same batches and the same mean gradient: only the order of float32 sums differs (the
+    # all-reduce adds two half-batch gradients, the single worker sums one batch of two), which
+    # changes a gradient by ~1e-7 of its size. Adam divides each gradient by its own running size,
+    # so for a weight whose gradient is near 0 that rounding can change the step by up to the
+    # learning rate (2e-4): the bound for any one weight is half a step, 1e-4. For the network as
+    # a whole the mean difference must stay at rounding level, far below one step.
+    diffs = []
+    for a, b in zip(ws, w0):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
+        diffs.append(np.abs(a - b).ravel())
+    assert np.concatenate(diffs).mean() < 1e-7
+
+
+def test_two_workers_with_tf_config(same_volume_records, tmp_path):
+    out = tmp_path / "tfconfig"
+    procs = launch_tf_config(same_volume_records, out, extra=("--log_all_workers",))
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr
+    logs = [json.loads(line) for line in open(out / "logs" / "worker_0" / "log.json")]
+    assert [e["step"] for e in logs if e["type"] == "train"] == [1, 2, 3]
+    assert_matches_single_worker(same_volume_records, tmp_path, out)
+
+
+def test_two_workers_with_mpirun(same_volume_records, tmp_path):
+    out = tmp_path / "mpi"
+    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    env.pop("TF_CONFIG", None)
+    result = subprocess.run([MPIRUN, "-np", "2", "--oversubscribe", sys.executable,
+                             *train_flags(same_volume_records, out, 1, 6, "--log_all_workers")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_matches_single_worker(same_volume_records, tmp_path, out)
+
+
+def test_a_dead_worker_stops_the_others(same_volume_records, tmp_path):
+    out = tmp_path / "dead"
+    chief, other = launch_tf_config(same_volume_records, out, steps=2000)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:  # wait until training runs
+            if os.path.exists(out / "logs" / "log.json") and os.path.getsize(out / "logs" / "log.json"):
+                break
+            time.sleep(0.5)
+        other.send_signal(signal.SIGKILL)
+        killed = time.time()
+        _, stderr = chief.communicate(timeout=200)
+        assert time.time() - killed < 180
+    finally:
+        for proc in (chief, other):
+            proc.kill()
+    assert chief.returncode == 1
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "lost contact with the other workers" in errors[0], stderr
+
+
+HOROVOD_STANDIN = '''
+"""A stand-in for horovod.tensorflow: Horovod does not build against TensorFlow 2.21, so the
+tool's wiring (init, rank, size, broadcast, all-reduce) is exercised against this recorder."""
+import json, os
+
+def _record(**entry):
+    with open(os.environ["HOROVOD_STANDIN_LOG"], "a") as handle:
+        handle.write(json.dumps(entry) + "\\n")
+
+def init():
+    _record(call="init")
+
+def rank():
+    return 0
+
+def local_rank():
+    return 0
+
+def size():
+    return 2
+
+def broadcast_variables(variables, root_rank):
+    _record(call="broadcast_variables", count=len(variables), root_rank=root_rank)
+
+def allreduce(tensor):
+    _record(call="allreduce", shape=list(tensor.shape))
+    return tensor
+'''
+
+
+def test_use_horovod_without_horovod_names_the_alternative(same_volume_records, tmp_path):
+    result = subprocess.run([sys.executable, *train_flags(same_volume_records, tmp_path, 1, 1),
+                             "--use_horovod"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Horovod is not installed" in lines[0] and "tf.distribute" in lines[0]
+
+
+def test_horovod_wiring_with_a_stand_in(same_volume_records, tmp_path):
+    package = tmp_path / "standin" / "horovod"
+    (package / "tensorflow").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "tensorflow" / "__init__.py").write_text(HOROVOD_STANDIN)
+    log = tmp_path / "calls.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "standin"), "HOROVOD_STANDIN_LOG": str(log)}
+    out = tmp_path / "hvd"
+    result = subprocess.run([sys.executable, *train_flags(same_volume_records, out, 1, 4), "--use_horovod"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    calls = [json.loads(line) for line in open(log)]
+    assert calls[0] == {"call": "init"}
+    (broadcast,) = [c for c in calls if c["call"] == "broadcast_variables"]
+    assert broadcast["root_rank"] == 0 and broadcast["count"] > 100  # model and optimizer state
+    reduced = [c for c in calls if c["call"] == "allreduce"]
+    # One per trainable variable of UNet3D, in the traced step: 22 convolution blocks (kernel,
+    # bias, scale, offset), 5 up-convolutions (kernel, bias), the output convolution.
+    assert len(reduced) == 22 * 4 + 5 * 2 + 2
+    assert reduced[0]["shape"] == [3, 3, 3, 4, 32]
+    train_steps = [json.loads(l)["step"] for l in open(out / "logs" / "log.json") if '"train"' in l]
+    assert train_steps == [1, 2]  # size 2: max_steps 4 divided by the workers
