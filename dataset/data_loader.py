@@ -117,9 +117,7 @@ class BratsData:
         return self._finish(ds.batch(self.batch_size))
 
     def _finish(self, ds):
-        if self.prefetch_device:
-            return ds.apply(tf.data.experimental.prefetch_to_device(self.prefetch_device))
-        return ds.prefetch(AUTOTUNE)
+        return prefetch(ds, self.prefetch_device)
 
 
 class SyntheticData(BratsData):
@@ -157,6 +155,13 @@ class SyntheticData(BratsData):
         images = tf.random.stateless_truncated_normal((self.batch_size, 64, 64, 64, N_MODALITIES),
                                                       seed=[self.seed, 0])
         return self._finish(tf.data.Dataset.from_tensors(images))
+
+
+def prefetch(ds, device=None):
+    """Prefetch batches, onto `device` (the HPU) when one is named."""
+    if device:
+        return ds.apply(tf.data.experimental.prefetch_to_device(device))
+    return ds.prefetch(AUTOTUNE)
 
 
 def _base_seed(seed):

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from dataset.data_loader import prefetch
 from dataset.msd import load_case, read_dataset_json
 from runtime.errors import UserError
 from runtime.progress import Progress
@@ -30,12 +31,13 @@ class MsdData:
 
     def __init__(self, data_dir, input_shape, batch_size, train_split=1.0, seed=0, augment=False,
                  interpolator="linear", data_normalization="zscore", worker_id=0, num_workers=1,
-                 need_eval=False, need_test=False):
+                 prefetch_device=None, need_eval=False, need_test=False):
         task = read_dataset_json(data_dir)
         self.label_names = task["labels"]
         self.n_classes = len(self.label_names)
         self.batch_size, self.seed, self.augment = batch_size, seed, augment
         self.worker_id, self.num_workers = worker_id, num_workers
+        self.prefetch_device = prefetch_device
         self.input_shape = tuple(input_shape)
         modality = next(iter(task["modality"].values()), "MRI")
         normalize = data_normalization == "zscore" and modality.upper() != CT
@@ -81,15 +83,16 @@ class MsdData:
             return x, tf.one_hot(tf.cast(y, tf.int32), n_classes)
 
         ds = ds.map(transform, num_parallel_calls=AUTOTUNE)
-        return ds.batch(self.batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+        return prefetch(ds.batch(self.batch_size, drop_remainder=True), self.prefetch_device)
 
     def eval_dataset(self):
         """Every validation case once as (x, one-hot y), in batches."""
         ds = tf.data.Dataset.from_tensor_slices((np.stack(self.eval_x), np.stack(self.eval_y)))
         n_classes = self.n_classes
         ds = ds.map(lambda x, y: (x, tf.one_hot(tf.cast(y, tf.int32), n_classes)))
-        return ds.batch(self.batch_size).prefetch(AUTOTUNE)
+        return prefetch(ds.batch(self.batch_size), self.prefetch_device)
 
     def test_dataset(self):
         """Every test image once, in batches."""
-        return tf.data.Dataset.from_tensor_slices(np.stack(self.test_x)).batch(self.batch_size)
+        ds = tf.data.Dataset.from_tensor_slices(np.stack(self.test_x))
+        return prefetch(ds.batch(self.batch_size), self.prefetch_device)

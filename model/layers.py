@@ -98,14 +98,18 @@ class Initializers:
         return keras.initializers.GlorotUniform(seed=self.seed * 1000 + self.count)
 
 
-def make_normalization(kind, name=None):
-    """The normalization layer for `kind` (instancenorm, groupnorm, batchnorm) or None for none."""
+def make_normalization(kind, name=None, instance_norm=None):
+    """The normalization layer for `kind` (instancenorm, groupnorm, batchnorm) or None for none.
+
+    `instance_norm` replaces this module's InstanceNormalization (Habana's fused layer on HPU).
+    Group and batch normalization run in float32 (their statistics too) under a mixed policy.
+    """
     if kind == "instancenorm":
-        return InstanceNormalization(epsilon=1e-6, name=name)
+        return (instance_norm or InstanceNormalization)(epsilon=1e-6, name=name)
     if kind == "groupnorm":
-        return keras.layers.GroupNormalization(groups=16, epsilon=1e-6, name=name)
+        return keras.layers.GroupNormalization(groups=16, epsilon=1e-6, name=name, dtype="float32")
     if kind == "batchnorm":
-        return keras.layers.BatchNormalization(name=name)
+        return keras.layers.BatchNormalization(name=name, dtype="float32")
     if kind == "none":
         return None
     raise ValueError(f"unknown normalization {kind!r}")

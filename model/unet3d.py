@@ -6,6 +6,8 @@ blocks of a 2×2×2 stride-2 up-convolution, the skip concatenated, and two conv
 128, 64, 32). A 3×3×3 convolution to the classes and a softmax close it. Every convolution block
 is Conv3D, normalization, LeakyReLU(0.01).
 """
+import functools
+
 import keras
 
 from model.layers import Initializers, UpConv2x, make_normalization
@@ -15,43 +17,45 @@ DECODER_CHANNELS = (320, 256, 128, 64, 32)
 DIVISOR = 2 ** (len(ENCODER_CHANNELS) - 1)
 
 
-def conv_block(x, filters, norm, init, strides=1, name=None):
+def conv_block(x, filters, norm, init, strides=1, name=None, instance_norm=None):
     """Conv3D 3×3×3 'same' with bias, then normalization, then LeakyReLU(0.01)."""
     x = keras.layers.Conv3D(filters, 3, strides=strides, padding="same",
                             kernel_initializer=init.glorot(), bias_initializer="zeros",
                             name=f"{name}_conv")(x)
-    layer = make_normalization(norm, name=f"{name}_norm")
+    layer = make_normalization(norm, name=f"{name}_norm", instance_norm=instance_norm)
     if layer is not None:
         x = layer(x)
     return keras.layers.LeakyReLU(negative_slope=0.01, name=f"{name}_act")(x)
 
 
 def build_unet3d(in_channels=4, n_classes=4, normalization="instancenorm", seed=None,
-                 spatial_shape=(None, None, None)):
+                 spatial_shape=(None, None, None), instance_norm=None):
     """The UNet3D as a `keras.Model` from (B, D, H, W, in_channels) to softmax probabilities.
 
-    Spatial sizes may be left as None; each one used must be a multiple of 32.
+    Spatial sizes may be left as None; each one used must be a multiple of 32. `instance_norm`
+    replaces the instance-normalization layer class (Habana's on HPU).
     """
     for size in spatial_shape:
         if size is not None and size % DIVISOR:
             raise ValueError(f"UNet3D needs spatial sizes divisible by {DIVISOR}, got {spatial_shape}")
     init = Initializers(seed)
+    block = functools.partial(conv_block, norm=normalization, init=init, instance_norm=instance_norm)
     inputs = keras.Input(shape=tuple(spatial_shape) + (in_channels,), name="image")
 
-    x = conv_block(inputs, ENCODER_CHANNELS[0], normalization, init, name="input_0")
-    x = conv_block(x, ENCODER_CHANNELS[0], normalization, init, name="input_1")
+    x = block(inputs, ENCODER_CHANNELS[0], name="input_0")
+    x = block(x, ENCODER_CHANNELS[0], name="input_1")
     skips = [x]
     for depth, filters in enumerate(ENCODER_CHANNELS[1:], start=1):
-        x = conv_block(x, filters, normalization, init, strides=2, name=f"down{depth}_0")
-        x = conv_block(x, filters, normalization, init, name=f"down{depth}_1")
+        x = block(x, filters, strides=2, name=f"down{depth}_0")
+        x = block(x, filters, name=f"down{depth}_1")
         skips.append(x)
     skips.pop()  # the bottleneck is not a skip
 
     for depth, filters in enumerate(DECODER_CHANNELS):
         x = UpConv2x(filters, kernel_initializer=init.glorot(), name=f"up{depth}_upconv")(x)
         x = keras.layers.Concatenate(axis=-1, name=f"up{depth}_concat")([x, skips.pop()])
-        x = conv_block(x, filters, normalization, init, name=f"up{depth}_0")
-        x = conv_block(x, filters, normalization, init, name=f"up{depth}_1")
+        x = block(x, filters, name=f"up{depth}_0")
+        x = block(x, filters, name=f"up{depth}_1")
 
     logits = keras.layers.Conv3D(n_classes, 3, padding="same", kernel_initializer=init.glorot(),
                                  name="output_conv")(x)

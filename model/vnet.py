@@ -29,8 +29,9 @@ class VNetConfig:
 
 
 class _Builder:
-    def __init__(self, config, seed):
+    def __init__(self, config, seed, instance_norm):
         self.c, self.init, self.count = config, Initializers(seed), 0
+        self.instance_norm = instance_norm
 
     def name(self, kind):
         self.count += 1
@@ -43,7 +44,8 @@ class _Builder:
         return self.finish(x, norm, act)
 
     def finish(self, x, norm=True, act=True):
-        layer = make_normalization(self.c.normalization, self.name("norm")) if norm else None
+        layer = (make_normalization(self.c.normalization, self.name("norm"), self.instance_norm)
+                 if norm else None)
         if layer is not None:
             x = layer(x)
         if act:
@@ -73,8 +75,11 @@ class _Builder:
         return self.conv_layer(x, filters, kernel=1)
 
 
-def build_vnet(input_shape=(32, 32, 32, 1), config=None, seed=None):
-    """The V-Net as a `keras.Model` from (B, *input_shape) to softmax probabilities."""
+def build_vnet(input_shape=(32, 32, 32, 1), config=None, seed=None, instance_norm=None):
+    """The V-Net as a `keras.Model` from (B, *input_shape) to softmax probabilities.
+
+    `instance_norm` replaces the instance-normalization layer class (Habana's on HPU).
+    """
     config = config or VNetConfig()
     levels = len(config.downscale_blocks)
     if len(config.upscale_blocks) != levels - 1:
@@ -84,7 +89,7 @@ def build_vnet(input_shape=(32, 32, 32, 1), config=None, seed=None):
         if size % 2 ** levels:
             raise ValueError(f"V-Net with {levels} down blocks needs sizes divisible by "
                              f"{2 ** levels}, got {tuple(input_shape[:3])}")
-    b = _Builder(config, seed)
+    b = _Builder(config, seed, instance_norm)
     inputs = keras.Input(shape=tuple(input_shape), name="image")
     x = b.conv_layer(inputs, FIRST_CHANNELS)
     x = keras.layers.Add(name="input_residual")([x, inputs])  # the input broadcasts over channels

@@ -87,7 +87,8 @@ def _add_run_flags(parser):
                        help="TensorFlow's C++ log level (TF_CPP_MIN_LOG_LEVEL); 0 also shows "
                             "Python tracebacks of errors")
     group.add_argument("--dump_config", default=None, metavar="DIR",
-                       help="folder for debug traces of the compiled graphs")
+                       help="write the training step's graph and XLA HLO and a profiler trace of "
+                            "three training steps into DIR, for performance debugging")
 
 
 def _add_unet3d_flags(parser):
@@ -192,8 +193,8 @@ def _add_precision_flags(parser):
                        help="float16 automatic mixed precision with loss scaling (GPU)")
     xla = group.add_mutually_exclusive_group()
     xla.add_argument("--use_xla", "--xla", dest="use_xla", action="store_true", default=None,
-                     help="compile the step with XLA (default: on for GPU and HPU, off on CPU, "
-                          "where XLA makes UNet3D training about ten times slower)")
+                     help="compile the steps with XLA (default: on when a GPU is visible; off on "
+                          "CPU, where XLA makes UNet3D training about ten times slower, and on HPU)")
     xla.add_argument("--no_xla", dest="use_xla", action="store_false",
                      help="do not compile with XLA")
     group.add_argument("--no_hpu", action="store_true", help="do not load the Habana modules")

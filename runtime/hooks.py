@@ -183,6 +183,32 @@ class CheckpointHook(Hook):
             self._saved_step = step
 
 
+class ProfileHook(Hook):
+    """With --dump_config: a profiler trace of training steps first+2 .. first+4 (after warm-up)."""
+
+    def __init__(self, engine, out_dir, steps=3):
+        self.engine, self.out_dir, self.steps = engine, out_dir, steps
+        self._start, self._running = None, False
+
+    def begin(self, mode, total_steps, first_step):
+        if mode == "train":
+            self._start = first_step + 1
+
+    def after_step(self, mode, step, batch_size, loss):
+        if mode != "train" or self._start is None:
+            return
+        if step == self._start and not self._running:
+            self.engine.start_trace(self.out_dir)
+            self._running = True
+        elif self._running and step >= self._start + self.steps:
+            self.end(mode, step, {})
+
+    def end(self, mode, step, results):
+        if self._running:
+            self.engine.stop_trace()
+            self._running, self._start = False, None
+
+
 class TensorBoardHook(Hook):
     """TensorBoard scalars (loss, throughput, evaluation metrics) and the run's hyper-parameters."""
 

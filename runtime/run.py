@@ -5,8 +5,8 @@ import tempfile
 
 from runtime import checkpoint
 from runtime.errors import UserError
-from runtime.hooks import (BenchmarkHook, CheckpointHook, Hooks, Logger, LoggingHook, ProgressHook,
-                           TensorBoardHook)
+from runtime.hooks import (BenchmarkHook, CheckpointHook, Hooks, Logger, LoggingHook, ProfileHook,
+                           ProgressHook, TensorBoardHook)
 from runtime.tasks import make_task
 from runtime.trainer import Trainer
 
@@ -27,8 +27,17 @@ def writable_dir(path, flag):
 
 
 def configure(args):
-    """Seeds, determinism, precision policy and XLA choice; returns the TensorFlow module."""
+    """Habana, seeds, determinism, precision policy and XLA choice; returns (tensorflow, Hpu or None).
+
+    On HPU the Habana bridge converts to bf16 itself (TF_BF16_CONVERSION), so Keras keeps float32;
+    elsewhere bf16 is Keras' mixed_bfloat16 policy and --use_amp its mixed_float16 one (with loss
+    scaling). XLA defaults to on when a GPU is visible, off on CPU (ten times slower there) and HPU.
+    """
+    from runtime.hpu import check_bf16_config, setup_hpu
     from runtime.quiet_import import import_tensorflow
+    if args.dtype == "bf16" and not args.use_amp:
+        check_bf16_config(args.bf16_config_path)
+    hpu = setup_hpu(args)
     tf = import_tensorflow(args.tf_verbosity)
     import keras
 
@@ -36,19 +45,22 @@ def configure(args):
         keras.utils.set_random_seed(args.seed)
         tf.config.experimental.enable_op_determinism()
     if args.use_amp:
-        keras.mixed_precision.set_dtype_policy("mixed_float16")
-    elif args.dtype == "bf16":
-        keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+        policy = "mixed_float16"
+    elif args.dtype == "bf16" and hpu is None:
+        policy = "mixed_bfloat16"
     else:
-        keras.mixed_precision.set_dtype_policy("float32")
+        policy = "float32"
+    keras.mixed_precision.set_dtype_policy(policy)
     if args.use_xla is None:
         args.use_xla = bool(tf.config.list_physical_devices("GPU"))
-    return tf
+    return tf, hpu
 
 
-def make_hooks(args, logger, save_fn, global_batch):
+def make_hooks(args, logger, save_fn, global_batch, engine):
     """The hooks every mode shares."""
     hooks = [LoggingHook(logger, args.log_every), ProgressHook()]
+    if args.dump_config and logger.enabled:
+        hooks.append(ProfileHook(engine, args.dump_config))
     if args.benchmark:
         hooks.append(BenchmarkHook(logger, args.warmup_steps, global_batch))
     elif save_fn is not None and not args.disable_ckpt_saving:
@@ -112,21 +124,22 @@ def build(args, task, data, cluster):
 def run(args):
     """Run the modes `args.exec_mode` asks for; returns a dict of what each produced."""
     from runtime.cluster import make_cluster
-    tf = configure(args)
+    tf, hpu = configure(args)
     cluster = make_cluster(args, tf)
     writes = worker_dirs(args, cluster)
     if writes:
         writable_dir(args.model_dir, "--model_dir")
     logger = Logger(writable_dir(args.log_dir, "--log_dir") if writes else None, enabled=writes)
-    task = make_task(args)
+    task = make_task(args, hpu)
     data = task.data(cluster.worker_id, cluster.num_workers)
     model, optimizer, engine = build(args, task, data, cluster)
 
     save_fn = None
     if args.exec_mode in TRAINS and writes and not args.benchmark and not args.disable_ckpt_saving:
         save_fn = lambda step: checkpoint.save(args.model_dir, step, model, optimizer)  # noqa: E731
-    hooks = make_hooks(args, logger, save_fn, args.batch_size * cluster.num_replicas)
-    trainer = Trainer(engine, hooks, args.log_every, sync_every_step=args.benchmark)
+    hooks = make_hooks(args, logger, save_fn, args.batch_size * cluster.num_replicas, engine)
+    trainer = Trainer(engine, hooks, args.log_every, sync_every_step=args.benchmark,
+                      dump_dir=args.dump_config if writes else None)
     with cluster.failures(tf):
         return run_modes(args, task, data, cluster, model, optimizer, trainer)
 

@@ -8,29 +8,38 @@ import os
 from runtime.errors import UserError
 
 
-class UNet3DTask:
-    """UNet3D on BraTS TFRecords (or the phantom BraTS data, or synthetic data)."""
+class Task:
+    """The flags of the run, and where the HPU (if any) wants prefetching and instance norm."""
 
-    def __init__(self, args):
+    def __init__(self, args, hpu=None):
         self.args = args
+        self.prefetch_device = hpu.device if hpu else None
+        self.instance_norm = hpu.instance_norm_layer if hpu else None
+
+
+class UNet3DTask(Task):
+    """UNet3D on BraTS TFRecords (or the phantom BraTS data, or synthetic data)."""
 
     def data(self, worker_id=0, num_workers=1):
         """The BraTS pipelines of this worker."""
         from dataset.data_loader import BratsData, SyntheticData
         a = self.args
         if a.synth_data:
-            return SyntheticData(a.batch_size, seed=a.seed, augment=a.augment)
+            return SyntheticData(a.batch_size, seed=a.seed, augment=a.augment,
+                                 prefetch_device=self.prefetch_device)
         data_dir = a.data_dir
         if data_dir is None:
             from runtime.demo_data import phantom_brats
             data_dir = phantom_brats()
         return BratsData(data_dir, a.batch_size, fold=a.fold, num_folds=a.num_folds, seed=a.seed,
-                         augment=a.augment, worker_id=worker_id, num_workers=num_workers)
+                         augment=a.augment, worker_id=worker_id, num_workers=num_workers,
+                         prefetch_device=self.prefetch_device)
 
     def model(self, data):
         """The UNet3D of SPEC §1.4."""
         from model.unet3d import build_unet3d
-        return build_unet3d(in_channels=4, normalization=self.args.normalization, seed=self.args.seed)
+        return build_unet3d(in_channels=4, normalization=self.args.normalization, seed=self.args.seed,
+                            instance_norm=self.instance_norm)
 
     def optimizer(self):
         """Adam(learning_rate)."""
@@ -59,11 +68,11 @@ class UNet3DTask:
         return nifti_writer(out_dir, data.eval_records)
 
 
-class VNetTask:
+class VNetTask(Task):
     """V-Net on an MSD task folder (or the phantom hippocampus data)."""
 
-    def __init__(self, args):
-        self.args = args
+    def __init__(self, args, hpu=None):
+        super().__init__(args, hpu)
         if args.synth_data:
             raise UserError("--synth_data: synthetic data is for --model unet3d only")
 
@@ -78,7 +87,7 @@ class VNetTask:
         return MsdData(data_dir, a.input_shape, a.batch_size, train_split=a.train_split, seed=a.seed,
                        augment=a.augment, interpolator=a.resize_interpolator,
                        data_normalization=a.data_normalization, worker_id=worker_id,
-                       num_workers=num_workers,
+                       num_workers=num_workers, prefetch_device=self.prefetch_device,
                        need_eval=a.exec_mode in ("evaluate", "train_and_evaluate"),
                        need_test=a.exec_mode in ("predict", "train_and_predict"))
 
@@ -90,7 +99,8 @@ class VNetTask:
                             upscale_blocks=a.upscale_blocks, convolution_size=a.convolution_size,
                             normalization=a.normalization_layer, activation=a.activation,
                             pooling=a.pooling, upsampling=a.upsampling)
-        return build_vnet(tuple(a.input_shape) + (1,), config, seed=a.seed)
+        return build_vnet(tuple(a.input_shape) + (1,), config, seed=a.seed,
+                          instance_norm=self.instance_norm)
 
     def optimizer(self):
         """Centered RMSprop (or Adam, SGD) at base_lr, gradients clipped to a global norm of 1."""
@@ -133,6 +143,6 @@ class VNetTask:
         return write
 
 
-def make_task(args):
-    """The task of `args.model`."""
-    return UNet3DTask(args) if args.model == "unet3d" else VNetTask(args)
+def make_task(args, hpu=None):
+    """The task of `args.model`; `hpu` (an Hpu or None) places prefetching and instance norm."""
+    return (UNet3DTask if args.model == "unet3d" else VNetTask)(args, hpu)

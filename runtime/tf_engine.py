@@ -64,6 +64,26 @@ class TFEngine:
         """Argmax masks of a batch as int8 numpy (B, D, H, W)."""
         return self._predict(x).numpy()
 
+    def dump_compiled(self, out_dir, x, y):
+        """Write the training step's TensorFlow graph and its XLA HLO (compiled for the batch's shapes)."""
+        import os
+        tf = self.tf
+        os.makedirs(out_dir, exist_ok=True)
+        graph = self._train.get_concrete_function(x, y).graph.as_graph_def()
+        with open(os.path.join(out_dir, "train_step_graph.pbtxt"), "w") as handle:
+            handle.write(str(graph))
+        compiled = tf.function(self._replica_train_step, jit_compile=True)
+        with open(os.path.join(out_dir, "train_step.hlo.txt"), "w") as handle:
+            handle.write(compiled.experimental_get_compiler_ir(x, y)(stage="hlo"))
+
+    def start_trace(self, out_dir):
+        """Start the TensorFlow profiler; its trace goes under out_dir/plugins/profile."""
+        self.tf.profiler.experimental.start(out_dir)
+
+    def stop_trace(self):
+        """Stop the profiler and write its trace."""
+        self.tf.profiler.experimental.stop()
+
     @staticmethod
     def to_float(loss):
         """The value of a loss tensor (waits for the step to finish)."""

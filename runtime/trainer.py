@@ -11,9 +11,10 @@ class Trainer:
     otherwise the loss is fetched only every `log_every` steps.
     """
 
-    def __init__(self, engine, hooks, log_every, sync_every_step=False):
+    def __init__(self, engine, hooks, log_every, sync_every_step=False, dump_dir=None):
         self.engine, self.hooks = engine, hooks
         self.log_every, self.sync_every_step = log_every, sync_every_step
+        self.dump_dir = dump_dir
 
     def train(self, make_dataset, first_step, last_step, batch_size):
         """Steps first_step+1 .. last_step over `make_dataset()`; returns the last loss (a float)."""
@@ -22,6 +23,8 @@ class Trainer:
         batches = iter(self.engine.distribute(make_dataset))
         for step in range(first_step + 1, last_step + 1):
             x, y = next(batches)
+            if self.dump_dir and step == first_step + 1:
+                self.engine.dump_compiled(self.dump_dir, x, y)
             loss = self.engine.train_step(x, y)
             synced = self.sync_every_step or step % self.log_every == 0 or step == last_step
             loss_value = self.engine.to_float(loss) if synced else None

@@ -1,0 +1,58 @@
+"""Habana Gaudi (HPU) support: load the Habana module, prefetch to the HPU, Habana's instance norm.
+
+Unless `--no_hpu`, the tool looks for `habana_frameworks.tensorflow`. When it is there:
+- with `--dtype bf16`, TF_BF16_CONVERSION points at `--bf16_config_path`, so that the Habana
+  bridge converts the graph to bf16 by its op lists (set before the module loads);
+- the module is loaded, which registers the HPU device;
+- every pipeline prefetches onto that device, and `instancenorm` uses Habana's fused op.
+Without it the tool runs on CPU or GPU after a one-line notice.
+"""
+import importlib
+import json
+import os
+
+from runtime.errors import UserError
+
+HPU_DEVICE = "/device:HPU:0"
+BF16_KEYS = ("allowlist", "conditional_list", "strict_conditional_list", "non_convertible_exceptions",
+             "convertible_exceptions")
+
+
+class Hpu:
+    """What the run needs to know of the HPU: its device name and Habana's instance-norm layer."""
+
+    def __init__(self, device, instance_norm_layer):
+        self.device, self.instance_norm_layer = device, instance_norm_layer
+
+
+def check_bf16_config(path):
+    """A UserError unless `path` is a bf16 config in the Habana bridge's format."""
+    try:
+        with open(path) as handle:
+            config = json.load(handle)
+    except OSError as err:
+        raise UserError(f"--bf16_config_path {path}: cannot read it ({err.strerror})") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"--bf16_config_path {path}: not valid JSON ({err})") from None
+    if not isinstance(config, dict) or not all(isinstance(config.get(k), list) for k in BF16_KEYS):
+        raise UserError(f"--bf16_config_path {path}: not a Habana bf16 config (needs the lists "
+                        f"{', '.join(BF16_KEYS)})")
+    return config
+
+
+def setup_hpu(args):
+    """An Hpu when Habana software is present and wanted, else None (with a notice when absent)."""
+    if args.no_hpu:
+        return None
+    try:
+        habana = importlib.import_module("habana_frameworks.tensorflow")
+    except ImportError:
+        print("no Habana software found (habana_frameworks): running on CPU/GPU; --no_hpu skips "
+              "this check", flush=True)
+        return None
+    if args.dtype == "bf16":
+        check_bf16_config(args.bf16_config_path)
+        os.environ["TF_BF16_CONVERSION"] = os.path.abspath(args.bf16_config_path)
+    habana.load_habana_module()
+    norm = importlib.import_module("habana_frameworks.tensorflow.ops.instance_norm")
+    return Hpu(HPU_DEVICE, norm.HabanaInstanceNormalization)

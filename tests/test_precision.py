@@ -1,0 +1,192 @@
+"""Precision and accelerators: bf16 keeps the sensitive parts in float32, AMP trains, Habana wiring
+(through a stand-in package: Habana software cannot run here), and --dump_config."""
+import glob
+import importlib
+import json
+import os
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dataset.data_loader import BratsData
+from dataset.phantom import write_brats_phantom
+from dataset.preprocess_data import preprocess
+from main import main
+from model.layers import InstanceNormalization, make_normalization
+from model.losses import dice_ce_loss, eval_dice_per_sample
+from model.unet3d import build_unet3d
+from runtime.arguments import parse_args
+from runtime.hpu import HPU_DEVICE, setup_hpu
+from runtime.tasks import make_task
+
+
+@pytest.fixture
+def bf16_policy():
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    yield
+    keras.mixed_precision.set_dtype_policy("float32")
+
+
+@pytest.mark.parametrize("kind", ["instancenorm", "groupnorm", "batchnorm"])
+def test_normalization_statistics_run_in_float32_under_bf16(bf16_policy, kind):
+    # bf16 holds 8 significant bits: values near 1000 sit 4 apart. Summing them in bf16 loses the
+    # mean; in float32 it is exact, and the normalized output then matches float64.
+    rng = np.random.default_rng(0)
+    x = (1000 + 4 * rng.integers(-3, 4, size=(2, 4, 4, 4, 32))).astype(np.float32)
+    x_bf16 = tf.cast(x, tf.bfloat16)
+    layer = make_normalization(kind, name="norm")
+    out = layer(x_bf16, training=True) if kind == "batchnorm" else layer(x_bf16)
+    axes = {"instancenorm": (1, 2, 3), "batchnorm": (0, 1, 2, 3)}.get(kind)
+    xs = x.astype(np.float64)
+    if kind == "groupnorm":  # 16 groups of 2 channels
+        g = xs.reshape(2, 4, 4, 4, 16, 2)
+        ref = ((g - g.mean((1, 2, 3, 5), keepdims=True)) / np.sqrt(g.var((1, 2, 3, 5), keepdims=True) + 1e-6))
+        ref = ref.reshape(xs.shape)
+    else:
+        eps = 1e-6 if kind == "instancenorm" else layer.epsilon
+        ref = (xs - xs.mean(axes, keepdims=True)) / np.sqrt(xs.var(axes, keepdims=True) + eps)
+    np.testing.assert_allclose(np.asarray(tf.cast(out, tf.float32)), ref, atol=0.02)
+
+
+def test_bf16_model_computes_convolutions_in_bf16_and_the_rest_in_float32(bf16_policy):
+    model = build_unet3d(in_channels=4, seed=0)
+    convs = [l for l in model.layers if isinstance(l, keras.layers.Conv3D)]
+    assert all(l.compute_dtype == "bfloat16" and l.kernel.dtype == "float32" for l in convs)
+    norms = [l for l in model.layers if isinstance(l, InstanceNormalization)]
+    assert len(norms) == 22
+    probs = model(np.random.default_rng(1).normal(size=(1, 32, 32, 32, 4)).astype(np.float32))
+    assert probs.dtype == tf.float32  # the softmax runs in float32
+    y = tf.one_hot(tf.zeros((1, 32, 32, 32), tf.int32), 4)
+    assert dice_ce_loss(y, tf.cast(probs, tf.bfloat16)).dtype == tf.float32
+    assert eval_dice_per_sample(y, tf.cast(probs, tf.bfloat16))["WholeTumor"].dtype == tf.float32
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantom")
+    write_brats_phantom(str(root / "nifti"), 3, shape=(40, 40, 36), seed=5)
+    preprocess(str(root / "nifti"), str(root / "records"), vol_per_file=1, single_data_dir=True,
+               seed=0, workers=1)
+    return str(root / "records")
+
+
+def train_log(tmp_path, records, *extra):
+    argv = ["--data_dir", records, "--model_dir", str(tmp_path / "model"), "--log_dir",
+            str(tmp_path / "logs"), "--batch_size", "1", "--num_folds", "3", "--seed", "1",
+            "--log_every", "1", "--exec_mode", "train", "--disable_ckpt_saving", *extra]
+    assert main(argv) == 0
+    with open(tmp_path / "logs" / "log.json") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def test_amp_trains_on_cpu(records, tmp_path):
+    try:
+        log = train_log(tmp_path, records, "--use_amp", "--max_steps", "4", "--learning_rate", "0.001")
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    losses = [e["data"]["loss"] for e in log if e["type"] == "train"]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    assert losses[-1] < losses[0]
+
+
+def test_dump_config_writes_hlo_and_a_trace(records, tmp_path):
+    dump = tmp_path / "dump"
+    train_log(tmp_path, records, "-d", "fp32", "--max_steps", "5", "--dump_config", str(dump))
+    hlo = (dump / "train_step.hlo.txt").read_text()
+    assert "HloModule" in hlo and "ENTRY" in hlo
+    assert os.path.getsize(dump / "train_step_graph.pbtxt") > 0
+    traces = glob.glob(str(dump / "plugins" / "profile" / "*" / "*.xplane.pb"))
+    assert traces and all(os.path.getsize(t) > 0 for t in traces)
+
+
+HABANA_STANDIN = {
+    "habana_frameworks/__init__.py": "",
+    "habana_frameworks/tensorflow/__init__.py": '''
+"""Stand-in for Habana's TensorFlow bridge (no Gaudi card here): records the calls made to it."""
+import os
+
+LOADED = []
+
+
+def load_habana_module():
+    LOADED.append(os.environ.get("TF_BF16_CONVERSION"))
+''',
+    "habana_frameworks/tensorflow/ops/__init__.py": "",
+    "habana_frameworks/tensorflow/ops/instance_norm.py": '''
+from model.layers import InstanceNormalization
+
+
+class HabanaInstanceNormalization(InstanceNormalization):
+    """Stand-in for Habana's fused instance-norm layer."""
+''',
+}
+
+
+@pytest.fixture
+def habana(tmp_path, monkeypatch):
+    for name, text in HABANA_STANDIN.items():
+        path = tmp_path / "standin" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path / "standin"))
+    monkeypatch.delenv("TF_BF16_CONVERSION", raising=False)
+    yield
+    for name in [m for m in sys.modules if m.startswith("habana_frameworks")]:
+        del sys.modules[name]
+
+
+def copy_targets(dataset):
+    """The devices a tf.data pipeline copies its elements to (prefetch_to_device's copy stage)."""
+    targets = []
+    while dataset is not None:
+        if hasattr(dataset, "_target_device"):
+            targets.append(dataset._target_device)
+        dataset = getattr(dataset, "_input_dataset", None)
+    return targets
+
+
+def test_habana_wiring_with_bf16(habana, records):
+    args = parse_args(["--data_dir", records, "--num_folds", "3", "--dtype", "bf16"])
+    hpu = setup_hpu(args)
+    bridge = importlib.import_module("habana_frameworks.tensorflow")
+    config = os.path.abspath(args.bf16_config_path)
+    assert bridge.LOADED == [config]  # loaded once, after TF_BF16_CONVERSION was set
+    assert os.environ["TF_BF16_CONVERSION"] == config
+    assert hpu.device == HPU_DEVICE
+    task = make_task(args, hpu)
+    norms = {type(l).__name__ for l in task.model(None).layers if "norm" in l.name}
+    assert norms == {"HabanaInstanceNormalization"}
+    data = task.data()
+    assert data.prefetch_device == HPU_DEVICE
+    for dataset in (data.train_dataset(), data.eval_dataset(), data.test_dataset()):
+        assert HPU_DEVICE in copy_targets(dataset)
+
+
+def test_habana_wiring_with_fp32_and_no_hpu(habana, records):
+    hpu = setup_hpu(parse_args(["--data_dir", records, "--num_folds", "3", "--dtype", "fp32"]))
+    assert hpu is not None and "TF_BF16_CONVERSION" not in os.environ
+    assert importlib.import_module("habana_frameworks.tensorflow").LOADED == [None]
+    del sys.modules["habana_frameworks.tensorflow"]
+    assert setup_hpu(parse_args(["--data_dir", records, "--num_folds", "3", "--no_hpu"])) is None
+    assert "habana_frameworks.tensorflow" not in sys.modules  # not even imported
+
+
+def test_without_habana_software_a_notice_not_an_error(records, capsys):
+    assert setup_hpu(parse_args(["--data_dir", records, "--num_folds", "3"])) is None
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "no Habana software found" in out[0]
+    data = BratsData(records, 1, num_folds=3)
+    assert copy_targets(data.train_dataset()) == []
+
+
+def test_a_malformed_bf16_config_is_a_one_line_error(records, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"allowlist": ["Conv3D"]')
+    argv = ["--data_dir", records, "--num_folds", "3", "--bf16_config_path", str(bad),
+            "--model_dir", str(tmp_path / "m"), "--log_dir", str(tmp_path / "l")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0] and "not valid JSON" in err[0]
