@@ -1,4 +1,5 @@
 """Command-line entry point: parse the flags, then hand over to the runtime."""
+import os
 import sys
 
 from runtime.arguments import parse_args
@@ -8,6 +9,7 @@ from runtime.errors import UserError
 def main(argv=None):
     """Run the tool with the given command line (sys.argv[1:] when None); returns the exit code."""
     args = parse_args(argv)
+    os.environ["KERAS_BACKEND"] = args.backend  # before Keras is imported
     from runtime.run import run
     try:
         run(args)

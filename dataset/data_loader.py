@@ -1,4 +1,5 @@
-"""tf.data pipelines over preprocessed BraTS TFRecords: folds, training, evaluation, test, synthetic."""
+"""tf.data pipelines over preprocessed BraTS TFRecords (folds, training, evaluation, test) and the
+synthetic data as tf.data."""
 import glob
 import os
 import re
@@ -6,8 +7,9 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from dataset import transforms
-from dataset.records import BRATS_SHAPE, N_MODALITIES, decode_example, decode_metadata
+from dataset import transforms, windows
+from dataset.records import decode_example, decode_metadata
+from dataset.synthetic import SyntheticData
 from runtime.errors import UserError
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -75,8 +77,8 @@ class BratsData:
         self.n_train = sum(len(records) for records in found[:len(self.train_files)])
         self.n_eval = len(self.eval_records)
         self.volume_shape = next(r for records in found for r in records)["shape"]
-        self.crop_shape = transforms.train_crop_shape(self.volume_shape)
-        self.window = transforms.eval_window(self.volume_shape)
+        self.crop_shape = windows.train_crop_shape(self.volume_shape)
+        self.window = windows.eval_window(self.volume_shape)
 
     def _parse(self, serialized):
         return decode_example(serialized, self.volume_shape)
@@ -120,41 +122,31 @@ class BratsData:
         return prefetch(ds, self.prefetch_device)
 
 
-class SyntheticData(BratsData):
-    """Deterministic synthetic data: one random BraTS-sized volume through the real transforms."""
+class SyntheticTFData(SyntheticData):
+    """The NumPy synthetic data as tf.data pipelines (so they can prefetch onto an HPU)."""
 
     def __init__(self, batch_size, seed=None, augment=True, prefetch_device=None):
-        self.batch_size, self.augment = batch_size, augment
-        self.seed = _base_seed(seed)
+        super().__init__(batch_size, seed, augment)
         self.prefetch_device = prefetch_device
-        self.volume_shape = BRATS_SHAPE
-        self.crop_shape = transforms.train_crop_shape(BRATS_SHAPE)
-        self.window = transforms.eval_window(BRATS_SHAPE)
-        self.n_train = self.n_eval = 1
-        self.eval_records = [{"case": "synthetic", "shape": BRATS_SHAPE, "affine": np.eye(4)}]
-        rng = np.random.default_rng(self.seed)
-        self.x = rng.integers(0, 255, size=BRATS_SHAPE + (N_MODALITIES,), dtype=np.uint8)
-        self.y = rng.integers(0, transforms.N_CLASSES, size=BRATS_SHAPE, dtype=np.uint8)
 
-    def _example(self):
-        zeros, ones = np.zeros(N_MODALITIES, np.float32), np.ones(N_MODALITIES, np.float32)
-        return tf.data.Dataset.from_tensors((self.x, self.y, zeros, ones))
+    def _as_dataset(self, batches):
+        first = next(iter(batches()))
+        spec = tuple(tf.TensorSpec(a.shape, tf.float32) for a in first) if isinstance(first, tuple) \
+            else tf.TensorSpec(first.shape, tf.float32)
+        return prefetch(tf.data.Dataset.from_generator(batches, output_signature=spec),
+                        self.prefetch_device)
 
     def train_dataset(self, start_step=0):
-        """The synthetic volume, repeated, through the training transforms."""
-        return self._train_stream(self._example().cache().repeat(), start_step)
+        """Endless synthetic training batches."""
+        return self._as_dataset(lambda: super(SyntheticTFData, self).train_dataset(start_step))
 
     def eval_dataset(self):
-        """The synthetic volume once, through the evaluation transforms."""
-        window = self.window
-        ds = self._example().map(lambda x, y, m, s: transforms.eval_transform(x, y, m, s, window))
-        return self._finish(ds.batch(self.batch_size))
+        """The synthetic evaluation batch."""
+        return self._as_dataset(lambda: iter(super(SyntheticTFData, self).eval_dataset()))
 
     def test_dataset(self):
-        """Truncated-normal 64×64×64×4 images, one batch per call of `repeat`."""
-        images = tf.random.stateless_truncated_normal((self.batch_size, 64, 64, 64, N_MODALITIES),
-                                                      seed=[self.seed, 0])
-        return self._finish(tf.data.Dataset.from_tensors(images))
+        """The synthetic test batch."""
+        return self._as_dataset(lambda: iter(super(SyntheticTFData, self).test_dataset()))
 
 
 def prefetch(ds, device=None):

@@ -9,8 +9,8 @@ reference load unchanged.
 import numpy as np
 import tensorflow as tf
 
-BRATS_SHAPE = (240, 240, 155)
-N_MODALITIES = 4
+from dataset.windows import BRATS_SHAPE, N_MODALITIES
+
 
 FEATURES = {
     "X": tf.io.FixedLenFeature([], tf.string),

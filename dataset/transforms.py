@@ -3,32 +3,11 @@
 Volumes are (D, H, W, C). Randomness comes from stateless ops fed a per-volume seed, a (2,)
 int tensor, so that a stream is reproducible from `--seed` whatever the parallelism.
 """
-import numpy as np
 import tensorflow as tf
 
-N_CLASSES = 4
+from dataset.windows import N_CLASSES
+
 ZSCORE_EPS = 1e-8
-MULTIPLE = 32
-MAX_CROP = 128
-
-
-def train_crop_shape(volume_shape):
-    """The training crop per axis: the largest multiple of 32 that fits, at most 128."""
-    return tuple(min(MAX_CROP, (size // MULTIPLE) * MULTIPLE) for size in volume_shape)
-
-
-def eval_window(volume_shape):
-    """The evaluation window per axis: the multiple of 32 nearest to the size (ties go down).
-
-    A window smaller than the volume is a centred crop, a larger one is zero padding at the end:
-    BraTS' 240×240×155 gives 224×224×160, the crop at offset (8, 8, 0) and 5 slices of padding.
-    """
-    window = []
-    for size in volume_shape:
-        below = max(MULTIPLE, (size // MULTIPLE) * MULTIPLE)
-        above = below + MULTIPLE
-        window.append(above if above - size < size - below else below)
-    return tuple(window)
 
 
 def _seeds(seed, n):
@@ -105,15 +84,3 @@ def test_transform(x, mean, stdev, window):
     """Window, cast and z-score the image alone: one prediction input."""
     return fit_window(zscore(tf.cast(x, tf.float32), mean, stdev), window)
 
-
-def unfit_window(mask, volume_shape):
-    """The inverse of `fit_window` for a NumPy (D, H, W) mask: back to `volume_shape`, zeros outside."""
-    out = np.zeros(volume_shape, dtype=mask.dtype)
-    src, dst = [], []
-    for dim, target in zip(volume_shape, mask.shape):
-        start = max(dim - target, 0) // 2
-        size = min(dim, target)
-        dst.append(slice(start, start + size))
-        src.append(slice(0, size))
-    out[tuple(dst)] = mask[tuple(src)]
-    return out

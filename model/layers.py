@@ -7,7 +7,7 @@ class InstanceNormalization(keras.layers.Layer):
     """Per-sample, per-channel normalization over the spatial axes with a learned scale and offset.
 
     The same as group normalization with one group per channel. The statistics are computed in
-    float32 whatever the compute dtype, so the layer is safe under a bf16 policy.
+    at least float32 whatever the compute dtype, so the layer is safe under a bf16 policy.
     """
 
     def __init__(self, epsilon=1e-6, **kwargs):
@@ -21,14 +21,26 @@ class InstanceNormalization(keras.layers.Layer):
 
     def call(self, x):
         axes = tuple(range(1, len(x.shape) - 1))
-        x32 = ops.cast(x, "float32")
-        mean, var = ops.moments(x32, axes=axes, keepdims=True)
-        y = (x32 - mean) * ops.rsqrt(var + self.epsilon)
-        y = y * ops.cast(self.gamma, "float32") + ops.cast(self.beta, "float32")
+        xf = at_least_float32(x)
+        mean, var = ops.moments(xf, axes=axes, keepdims=True)
+        y = (xf - mean) * ops.rsqrt(var + self.epsilon)
+        y = y * ops.cast(self.gamma, xf.dtype) + ops.cast(self.beta, xf.dtype)
         return ops.cast(y, self.compute_dtype)
 
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon}
+
+
+def at_least_float32(x):
+    """`x` in float32 when it is float16 or bfloat16, unchanged otherwise (float32, float64)."""
+    return ops.cast(x, "float32") if keras.backend.standardize_dtype(x.dtype) in ("float16", "bfloat16") else x
+
+
+def softmax(name="softmax"):
+    """A softmax over the last axis in at least float32 (float32 under a mixed policy)."""
+    compute = keras.mixed_precision.dtype_policy().compute_dtype
+    return keras.layers.Softmax(axis=-1, dtype="float64" if compute == "float64" else "float32",
+                                name=name)
 
 
 class UpConv2x(keras.layers.Layer):

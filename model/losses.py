@@ -5,6 +5,8 @@ is dropped unless `include_background` is set.
 """
 from keras import ops
 
+from model.layers import at_least_float32
+
 DICE_EPS = 1e-5
 CE_CLIP = 1e-7
 TUMOUR_CLASSES = {1: "TumorCore", 2: "PeritumoralEdema", 3: "EnhancingTumor"}
@@ -30,13 +32,13 @@ def per_sample_dice(y, p):
 
 def dice_loss(y, p, include_background=False):
     """Σ over classes of (1 − dice_c), dice_c averaged over the batch."""
-    y, p = _select(ops.cast(y, "float32"), ops.cast(p, "float32"), include_background)
+    y, p = _select(at_least_float32(y), at_least_float32(p), include_background)
     return ops.sum(1.0 - ops.mean(per_sample_dice(y, p), axis=0))
 
 
 def ce_loss(y, p, include_background=False):
     """Σ over classes of the binary cross-entropy averaged over batch and space, p clipped."""
-    y, p = _select(ops.cast(y, "float32"), ops.cast(p, "float32"), include_background)
+    y, p = _select(at_least_float32(y), at_least_float32(p), include_background)
     # Clipping 1 − p rather than p is the same formula, but keeps log(1e-7) exact in float32,
     # where 1 − 1e-7 would round to 1 − 1.19e-7.
     log_p = ops.log(ops.clip(p, CE_CLIP, 1.0 - CE_CLIP))
@@ -66,8 +68,8 @@ def eval_dice_per_sample(y, p, include_background=False):
     Background with include_background), MeanDice (their mean), WholeTumor (the dice of the union
     of the three tumour channels).
     """
-    y = ops.cast(y, "float32")
-    hard = ops.cast(ops.greater(ops.cast(p, "float32"), 0.5), "float32")
+    y = at_least_float32(y)
+    hard = ops.cast(ops.greater(p, 0.5), y.dtype)
     dice = per_sample_dice(y, hard)
     names = (["Background"] if include_background else []) + list(TUMOUR_CLASSES.values())
     first = 0 if include_background else 1
@@ -86,7 +88,7 @@ VNET_EPS = 1e-6
 
 def soft_dice_per_sample(y, p):
     """Sørensen dice of every sample and class over all voxels: (2·Σ(p·y) + ε) / (Σ(p + y) + ε), (B, C)."""
-    y, p = ops.cast(y, "float32"), ops.cast(p, "float32")
+    y, p = at_least_float32(y), at_least_float32(p)
     axes = _spatial_axes(y)
     return (2.0 * ops.sum(p * y, axis=axes) + VNET_EPS) / (ops.sum(p + y, axis=axes) + VNET_EPS)
 

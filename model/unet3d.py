@@ -10,7 +10,7 @@ import functools
 
 import keras
 
-from model.layers import Initializers, UpConv2x, make_normalization
+from model.layers import Initializers, UpConv2x, make_normalization, softmax
 
 ENCODER_CHANNELS = (32, 64, 128, 256, 320, 320)
 DECODER_CHANNELS = (320, 256, 128, 64, 32)
@@ -59,5 +59,5 @@ def build_unet3d(in_channels=4, n_classes=4, normalization="instancenorm", seed=
 
     logits = keras.layers.Conv3D(n_classes, 3, padding="same", kernel_initializer=init.glorot(),
                                  name="output_conv")(x)
-    probs = keras.layers.Softmax(axis=-1, dtype="float32", name="softmax")(logits)
+    probs = softmax()(logits)
     return keras.Model(inputs, probs, name="unet3d")

@@ -10,7 +10,7 @@ activation.
 """
 import keras
 
-from model.layers import Initializers, UpConv2x, make_normalization
+from model.layers import Initializers, UpConv2x, make_normalization, softmax
 
 FIRST_CHANNELS = 16
 
@@ -105,5 +105,5 @@ def build_vnet(input_shape=(32, 32, 32, 1), config=None, seed=None, instance_nor
         x = b.residual(x, depth)
     x = b.up(x, skips.pop().shape[-1])
     logits = b.conv_layer(x, config.n_classes, kernel=1, norm=False, act=False)
-    probs = keras.layers.Softmax(axis=-1, dtype="float32", name="softmax")(logits)
+    probs = softmax()(logits)
     return keras.Model(inputs, probs, name="vnet")

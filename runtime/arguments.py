@@ -185,6 +185,9 @@ def apply_model_defaults(parser, args):
 
 def _add_precision_flags(parser):
     group = parser.add_argument_group("precision and devices")
+    group.add_argument("--backend", choices=("tensorflow", "jax"), default=None,
+                       help="Keras backend (default: $KERAS_BACKEND, else tensorflow); with jax, XLA "
+                            "is always on and --synth_data needs no TensorFlow")
     group.add_argument("--dtype", "-d", choices=("fp32", "bf16"), default=None,
                        help="compute precision (default: bf16 for unet3d, fp32 for vnet)")
     group.add_argument("--bf16_config_path", default=DEFAULT_BF16_CONFIG,
@@ -229,6 +232,14 @@ def build_parser():
 def check_args(parser, args):
     """Cross-flag checks; a failure exits through `parser.error` with a one-line message."""
     apply_model_defaults(parser, args)
+    args.backend = args.backend or os.environ.get("KERAS_BACKEND") or "tensorflow"
+    if args.backend not in ("tensorflow", "jax"):
+        parser.error(f"KERAS_BACKEND={args.backend}: this tool runs on tensorflow or jax")
+    if args.backend == "jax":
+        for flag in ("use_horovod", "use_amp"):
+            if getattr(args, flag):
+                parser.error(f"argument --{flag}: needs --backend tensorflow (on jax use --dtype bf16 "
+                             "and the GPUs of one host)")
     if args.model == "unet3d" and args.fold >= args.num_folds:
         parser.error(f"argument --fold: must be below --num_folds ({args.num_folds}), "
                      f"got {args.fold}")

@@ -22,10 +22,12 @@ class Cluster:
     """The worker's place: `worker_id`, `num_workers` (input pipelines), `num_replicas` (devices in
     all), the tf.distribute `strategy`, and `horovod` (the module, with --use_horovod)."""
 
-    def __init__(self, strategy, worker_id=0, num_workers=1, horovod=None):
+    def __init__(self, strategy, worker_id=0, num_workers=1, horovod=None, num_replicas=None,
+                 lost_errors=()):
         self.strategy, self.horovod = strategy, horovod
         self.worker_id, self.num_workers = worker_id, num_workers
-        self.num_replicas = num_workers if horovod else strategy.num_replicas_in_sync
+        self.num_replicas = num_replicas or (num_workers if horovod else strategy.num_replicas_in_sync)
+        self.lost_errors = lost_errors
 
     @property
     def is_chief(self):
@@ -33,13 +35,11 @@ class Cluster:
         return self.worker_id == 0
 
     @contextlib.contextmanager
-    def failures(self, tf):
+    def failures(self):
         """Turn a lost peer (a dead worker, a collective timeout) into a one-line UserError."""
-        lost = (tf.errors.UnavailableError, tf.errors.AbortedError,
-                tf.errors.DeadlineExceededError, tf.errors.CancelledError)
         try:
             yield
-        except lost as err:
+        except self.lost_errors as err:
             lines = [line.strip() for line in (err.message or "").splitlines() if line.strip()]
             reason = next((line for line in lines if "aborted" in line.lower()), lines[0] if lines else "")
             raise UserError(f"worker {self.worker_id} of {self.num_workers}: lost contact with the "
@@ -88,7 +88,18 @@ def launched_by(environ):
 
 
 def make_cluster(args, tf):
-    """The Cluster of this process; must run before TensorFlow touches a device."""
+    """The Cluster of this process; must run before TensorFlow touches a device.
+
+    With the JAX backend: one process over its local devices (`tf` may be None).
+    """
+    how = launched_by(os.environ)
+    if args.backend == "jax":
+        if how is not None:
+            raise UserError(f"launched as one of several workers ({how}): multi-worker runs need "
+                            "--backend tensorflow; the JAX backend uses every GPU of one host")
+        import jax
+        return Cluster(None, num_replicas=jax.local_device_count())
+
     if args.use_horovod:
         hvd = import_horovod()
         hvd.init()
@@ -97,7 +108,6 @@ def make_cluster(args, tf):
             tf.config.set_visible_devices(gpus[hvd.local_rank()], "GPU")
         return Cluster(tf.distribute.get_strategy(), hvd.rank(), hvd.size(), horovod=hvd)
 
-    how = launched_by(os.environ)
     if how is None:
         if len(tf.config.list_physical_devices("GPU")) > 1:
             return Cluster(tf.distribute.MirroredStrategy())
@@ -114,4 +124,6 @@ def make_cluster(args, tf):
     strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver,
                                                          communication_options=options)
     num_workers = len(resolver.cluster_spec().as_dict().get("worker", [])) or 1
-    return Cluster(strategy, resolver.task_id or 0, num_workers)
+    lost = (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.DeadlineExceededError,
+            tf.errors.CancelledError)
+    return Cluster(strategy, resolver.task_id or 0, num_workers, lost_errors=lost)

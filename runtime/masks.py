@@ -4,7 +4,7 @@ import os
 import nibabel as nib
 import numpy as np
 
-from dataset.transforms import unfit_window
+from dataset.windows import unfit_window
 
 
 def brats_nifti(mask, record):

@@ -1,7 +1,11 @@
 """One run of the tool, stage by stage: set up, data, model, engine, hooks, then the modes."""
+import itertools
 import math
 import os
+import random
 import tempfile
+
+import numpy as np
 
 from runtime import checkpoint
 from runtime.errors import UserError
@@ -27,23 +31,33 @@ def writable_dir(path, flag):
 
 
 def configure(args):
-    """Habana, seeds, determinism, precision policy and XLA choice; returns (tensorflow, Hpu or None).
+    """Habana, seeds, determinism, precision policy and XLA choice.
 
     On HPU the Habana bridge converts to bf16 itself (TF_BF16_CONVERSION), so Keras keeps float32;
     elsewhere bf16 is Keras' mixed_bfloat16 policy and --use_amp its mixed_float16 one (with loss
     scaling). XLA defaults to on when a GPU is visible, off on CPU (ten times slower there) and HPU.
+    With the JAX backend, TensorFlow is imported only for tf.data inputs (then without GPUs), and
+    XLA is always on. Returns (tensorflow or None, Hpu or None).
     """
     from runtime.hpu import check_bf16_config, setup_hpu
     from runtime.quiet_import import import_tensorflow
     if args.dtype == "bf16" and not args.use_amp:
         check_bf16_config(args.bf16_config_path)
-    hpu = setup_hpu(args)
-    tf = import_tensorflow(args.tf_verbosity)
+    hpu = setup_hpu(args) if args.backend == "tensorflow" else None
+    tf = None
+    if args.backend == "tensorflow" or not args.synth_data:
+        tf = import_tensorflow(args.tf_verbosity)
+        if args.backend == "jax":  # tf.data only: the GPUs are JAX's
+            tf.config.set_visible_devices([], "GPU")
     import keras
 
     if args.seed is not None:
-        keras.utils.set_random_seed(args.seed)
-        tf.config.experimental.enable_op_determinism()
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        if tf is not None:
+            tf.random.set_seed(args.seed)
+        if args.backend == "tensorflow":
+            tf.config.experimental.enable_op_determinism()
     if args.use_amp:
         policy = "mixed_float16"
     elif args.dtype == "bf16" and hpu is None:
@@ -51,7 +65,9 @@ def configure(args):
     else:
         policy = "float32"
     keras.mixed_precision.set_dtype_policy(policy)
-    if args.use_xla is None:
+    if args.backend == "jax":
+        args.use_xla = True
+    elif args.use_xla is None:
         args.use_xla = bool(tf.config.list_physical_devices("GPU"))
     return tf, hpu
 
@@ -103,17 +119,30 @@ def worker_dirs(args, cluster):
     return cluster.is_chief or args.log_all_workers
 
 
+def _model_and_optimizer(args, task, data):
+    import keras
+    model, optimizer = task.model(data), task.optimizer()
+    if args.use_amp:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer.build(model.trainable_variables)
+    return model, optimizer
+
+
 def build(args, task, data, cluster):
     """Model, optimizer (built, so its state can be restored) and engine, on the cluster's devices."""
-    import keras
+    loss_fn, metrics_fn = task.loss_and_metrics(data)
+    if args.backend == "jax":
+        import keras
+
+        from runtime.jax_engine import JaxEngine
+        distribution = keras.distribution.DataParallel() if cluster.num_replicas > 1 else None
+        keras.distribution.set_distribution(distribution)
+        model, optimizer = _model_and_optimizer(args, task, data)
+        return model, optimizer, JaxEngine(model, optimizer, loss_fn, metrics_fn, distribution)
 
     from runtime.tf_engine import TFEngine
     with cluster.strategy.scope():
-        model, optimizer = task.model(data), task.optimizer()
-        if args.use_amp:
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        optimizer.build(model.trainable_variables)
-    loss_fn, metrics_fn = task.loss_and_metrics(data)
+        model, optimizer = _model_and_optimizer(args, task, data)
     hvd = cluster.horovod
     all_reduce = (lambda grads: [hvd.allreduce(g) for g in grads]) if hvd else None
     engine = TFEngine(model, optimizer, loss_fn, metrics_fn, use_xla=args.use_xla,
@@ -131,16 +160,20 @@ def run(args):
         writable_dir(args.model_dir, "--model_dir")
     logger = Logger(writable_dir(args.log_dir, "--log_dir") if writes else None, enabled=writes)
     task = make_task(args, hpu)
-    data = task.data(cluster.worker_id, cluster.num_workers)
+    # One process feeds every local device on JAX: its batches hold batch_size per device.
+    local_batch = args.batch_size * (cluster.num_replicas if args.backend == "jax" else 1)
+    data = task.data(cluster.worker_id, cluster.num_workers, local_batch)
     model, optimizer, engine = build(args, task, data, cluster)
 
     save_fn = None
     if args.exec_mode in TRAINS and writes and not args.benchmark and not args.disable_ckpt_saving:
-        save_fn = lambda step: checkpoint.save(args.model_dir, step, model, optimizer)  # noqa: E731
+        def save_fn(step):
+            engine.commit()
+            checkpoint.save(args.model_dir, step, model, optimizer)
     hooks = make_hooks(args, logger, save_fn, args.batch_size * cluster.num_replicas, engine)
     trainer = Trainer(engine, hooks, args.log_every, sync_every_step=args.benchmark,
                       dump_dir=args.dump_config if writes else None)
-    with cluster.failures(tf):
+    with cluster.failures():
         return run_modes(args, task, data, cluster, model, optimizer, trainer)
 
 
@@ -176,7 +209,9 @@ def predict(args, task, data, trainer):
     names = task.mask_names(data)
     if args.benchmark:
         repeats = max(1, math.ceil(2 * args.warmup_steps * args.batch_size / max(len(names), 1)))
-        return trainer.predict(dataset.repeat(repeats))
+        repeated = (dataset.repeat(repeats) if hasattr(dataset, "repeat")
+                    else itertools.chain.from_iterable(itertools.repeat(dataset, repeats)))
+        return trainer.predict(repeated)
     mask_fn = task.nifti_writer(data, os.path.join(args.model_dir, "nifti")) if args.save_nifti else None
     count = trainer.predict(dataset, args.model_dir, names, mask_fn)
     print(f"wrote {count} masks to {args.model_dir}", flush=True)

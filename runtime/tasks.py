@@ -20,18 +20,22 @@ class Task:
 class UNet3DTask(Task):
     """UNet3D on BraTS TFRecords (or the phantom BraTS data, or synthetic data)."""
 
-    def data(self, worker_id=0, num_workers=1):
-        """The BraTS pipelines of this worker."""
-        from dataset.data_loader import BratsData, SyntheticData
+    def data(self, worker_id=0, num_workers=1, batch_size=None):
+        """The BraTS pipelines of this worker, in batches of `batch_size` (default --batch_size)."""
         a = self.args
+        batch_size = batch_size or a.batch_size
+        if a.synth_data and a.backend == "jax":  # NumPy batches: no TensorFlow needed
+            from dataset.synthetic import SyntheticData
+            return SyntheticData(batch_size, seed=a.seed, augment=a.augment)
+        from dataset.data_loader import BratsData, SyntheticTFData
         if a.synth_data:
-            return SyntheticData(a.batch_size, seed=a.seed, augment=a.augment,
-                                 prefetch_device=self.prefetch_device)
+            return SyntheticTFData(batch_size, seed=a.seed, augment=a.augment,
+                                   prefetch_device=self.prefetch_device)
         data_dir = a.data_dir
         if data_dir is None:
             from runtime.demo_data import phantom_brats
             data_dir = phantom_brats()
-        return BratsData(data_dir, a.batch_size, fold=a.fold, num_folds=a.num_folds, seed=a.seed,
+        return BratsData(data_dir, batch_size, fold=a.fold, num_folds=a.num_folds, seed=a.seed,
                          augment=a.augment, worker_id=worker_id, num_workers=num_workers,
                          prefetch_device=self.prefetch_device)
 
@@ -76,15 +80,16 @@ class VNetTask(Task):
         if args.synth_data:
             raise UserError("--synth_data: synthetic data is for --model unet3d only")
 
-    def data(self, worker_id=0, num_workers=1):
-        """The MSD pipelines of this worker."""
+    def data(self, worker_id=0, num_workers=1, batch_size=None):
+        """The MSD pipelines of this worker, in batches of `batch_size` (default --batch_size)."""
         from dataset.msd_loader import MsdData
         a = self.args
+        batch_size = batch_size or a.batch_size
         data_dir = a.data_dir
         if data_dir is None:
             from runtime.demo_data import phantom_msd
             data_dir = phantom_msd()
-        return MsdData(data_dir, a.input_shape, a.batch_size, train_split=a.train_split, seed=a.seed,
+        return MsdData(data_dir, a.input_shape, batch_size, train_split=a.train_split, seed=a.seed,
                        augment=a.augment, interpolator=a.resize_interpolator,
                        data_normalization=a.data_normalization, worker_id=worker_id,
                        num_workers=num_workers, prefetch_device=self.prefetch_device,

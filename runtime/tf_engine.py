@@ -52,6 +52,9 @@ class TFEngine:
             return make_dataset()
         return self.strategy.distribute_datasets_from_function(lambda context: make_dataset())
 
+    def commit(self):
+        """Nothing to do: the steps update the Keras variables themselves."""
+
     def train_step(self, x, y):
         """One optimizer step on a batch; returns the loss tensor (not synced)."""
         return self._train(x, y)

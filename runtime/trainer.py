@@ -32,6 +32,7 @@ class Trainer:
                 raise FloatingPointError(f"the loss became {loss_value} at step {step}; lower "
                                          "--learning_rate or check the data")
             self.hooks.after_step("train", step, batch_size, loss_value)
+        self.engine.commit()
         self.hooks.end("train", step, {})
         return loss_value
 

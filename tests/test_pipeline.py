@@ -4,7 +4,9 @@ import pytest
 import tensorflow as tf
 
 from dataset import transforms
-from dataset.data_loader import BratsData, SyntheticData, split_folds
+from dataset import windows
+from dataset.data_loader import BratsData, SyntheticTFData, split_folds
+from dataset.synthetic import SyntheticData
 from dataset.phantom import write_brats_phantom
 from dataset.preprocess_data import preprocess
 from dataset.records import encode_example
@@ -160,21 +162,30 @@ def test_zscore_and_eval_window():
     x = tf.constant([[[[0.0, 10.0]]]])
     out = transforms.zscore(x, tf.constant([1.0, 4.0]), tf.constant([2.0, 3.0])).numpy()
     np.testing.assert_allclose(out.ravel(), [0.0, 6.0 / (3.0 + 1e-8)])
-    assert transforms.eval_window((240, 240, 155)) == (224, 224, 160)
-    assert transforms.train_crop_shape((240, 240, 155)) == (128, 128, 128)
-    assert transforms.train_crop_shape((96, 80, 70)) == (96, 64, 64)
+    assert windows.eval_window((240, 240, 155)) == (224, 224, 160)
+    assert windows.train_crop_shape((240, 240, 155)) == (128, 128, 128)
+    assert windows.train_crop_shape((96, 80, 70)) == (96, 64, 64)
     vol = tf.reshape(tf.range(240 * 240 * 155, dtype=tf.int32), (240, 240, 155, 1))
     win = transforms.fit_window(vol, (224, 224, 160)).numpy()
     np.testing.assert_array_equal(win[:, :, :155, 0], vol.numpy()[8:232, 8:232, :, 0])
     assert np.all(win[:, :, 155:] == 0)
+    np.testing.assert_array_equal(windows.window_array(vol.numpy(), (224, 224, 160)), win)
+    np.testing.assert_array_equal(windows.unfit_window(win[..., 0], (240, 240, 155))[8:232, 8:232],
+                                  vol.numpy()[8:232, 8:232, :, 0])
 
 
-def test_synthetic_data_is_deterministic():
-    a = batches(SyntheticData(1, seed=4).train_dataset(), 2)
-    b = batches(SyntheticData(1, seed=4).train_dataset(), 2)
-    assert a[0][0].shape == (1, 128, 128, 128, 4)
-    np.testing.assert_array_equal(a[1][0], b[1][0])
-    assert next(iter(SyntheticData(2, seed=4).test_dataset())).shape == (2, 64, 64, 64, 4)
+def test_synthetic_data_is_deterministic_with_and_without_tensorflow():
+    plain = SyntheticData(1, seed=4)
+    x, y = next(plain.train_dataset())
+    assert x.shape == (1, 128, 128, 128, 4) and y.shape == (1, 128, 128, 128, 4) and x.dtype == np.float32
+    np.testing.assert_array_equal(y.sum(-1), 1.0)
+    stream = plain.train_dataset(start_step=1)
+    np.testing.assert_array_equal(next(stream)[0], batches(SyntheticTFData(1, seed=4).train_dataset(), 2)[1][0])
+    (test,) = SyntheticTFData(2, seed=4).test_dataset()
+    assert test.shape == (2, 64, 64, 64, 4) and float(tf.reduce_max(tf.abs(test))) <= 2.0
+    (ex, ey), = SyntheticData(1, seed=4).eval_dataset()
+    assert ex.shape == ey.shape == (1, 224, 224, 160, 4)
+    assert not np.array_equal(next(SyntheticData(1, seed=5).train_dataset())[0], x)
 
 
 def test_bad_data_folders(tmp_path):

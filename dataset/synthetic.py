@@ -1,0 +1,71 @@
+"""Deterministic synthetic BraTS data for benchmarks, in NumPy alone (no TensorFlow needed).
+
+One random BraTS-sized volume (uint8 inputs in [0, 255), labels in [0, 4)) goes through the
+training transforms with mean 0 and stdev 1: a random 128³ crop, a flip of axis 1, the z-score and
+the brightness shift. `POOL` transformed examples per batch slot are made once and cycled, so the
+input side costs nothing while the accelerator is timed.
+"""
+import numpy as np
+
+from dataset.windows import (BRATS_SHAPE, N_CLASSES, N_MODALITIES, eval_window, train_crop_shape,
+                             window_array)
+
+POOL = 4
+TEST_SHAPE = (64, 64, 64)
+
+
+def _train_example(x, y, crop, rng, augment):
+    starts = [int(rng.integers(0, max(size - c, 1))) for size, c in zip(x.shape[:3], crop)]
+    window = tuple(slice(s, s + c) for s, c in zip(starts, crop))
+    xs, ys = x[window].astype(np.float32), y[window]
+    if augment and rng.random() > 0.5:
+        xs, ys = xs[:, ::-1], ys[:, ::-1]
+    xs = np.where(xs > 0, xs / (1.0 + 1e-8), xs)  # the z-score with mean 0 and stdev 1
+    if augment and rng.random() > 0.5:
+        xs = np.where(xs > 0, xs + rng.uniform(0.9, 1.1, size=xs.shape[-1]), xs)
+    return np.ascontiguousarray(xs, np.float32), np.eye(N_CLASSES, dtype=np.float32)[ys]
+
+
+class SyntheticData:
+    """Synthetic batches as NumPy arrays: `train_dataset()` endless, eval and test one batch."""
+
+    def __init__(self, batch_size, seed=None, augment=True):
+        self.batch_size, self.augment = batch_size, augment
+        self.seed = int(seed) if seed is not None else int(np.random.SeedSequence().entropy % 2 ** 31)
+        rng = np.random.default_rng(self.seed)
+        self.x = rng.integers(0, 255, size=BRATS_SHAPE + (N_MODALITIES,), dtype=np.uint8)
+        self.y = rng.integers(0, N_CLASSES, size=BRATS_SHAPE, dtype=np.uint8)
+        self.volume_shape = BRATS_SHAPE
+        self.crop_shape, self.window = train_crop_shape(BRATS_SHAPE), eval_window(BRATS_SHAPE)
+        self.n_train = self.n_eval = 1
+        self.eval_records = [{"case": "synthetic", "shape": BRATS_SHAPE, "affine": np.eye(4)}]
+
+    def train_dataset(self, start_step=0):
+        """An endless iterator of (x (B, 128³, 4), one-hot y) batches, resumable at `start_step`."""
+        rng = np.random.default_rng([self.seed, 1])
+        pool = [_train_example(self.x, self.y, self.crop_shape, rng, self.augment)
+                for _ in range(POOL * self.batch_size)]
+        batches = [tuple(np.stack(part) for part in zip(*pool[i:i + self.batch_size]))
+                   for i in range(0, len(pool), self.batch_size)]
+
+        def stream():
+            step = start_step
+            while True:
+                yield batches[step % len(batches)]
+                step += 1
+
+        return stream()
+
+    def eval_dataset(self):
+        """The volume once through the evaluation transforms, as one batch."""
+        x = window_array(self.x.astype(np.float32), self.window)
+        y = window_array(np.eye(N_CLASSES, dtype=np.float32)[self.y], self.window)
+        return [(x[None], y[None])]
+
+    def test_dataset(self):
+        """One batch of truncated-normal (±2σ) 64³×4 images."""
+        rng = np.random.default_rng([self.seed, 2])
+        images = rng.standard_normal((self.batch_size,) + TEST_SHAPE + (N_MODALITIES,))
+        while np.any(outside := np.abs(images) > 2.0):  # redraw the tails: a truncated normal
+            images[outside] = rng.standard_normal(int(outside.sum()))
+        return [images.astype(np.float32)]

@@ -1,0 +1,119 @@
+"""The JAX engine: jitted, stateless train, eval and predict steps (XLA always), on one or more devices.
+
+The model's and optimizer's variables live as a tuple of JAX arrays while training (donated to
+each step, so updated in place) and are written back into the Keras variables by `commit()`:
+before a checkpoint, at the end of training. With several devices the batch is split over them
+(Keras' DataParallel layout); the variables are replicated and XLA all-reduces the gradients.
+"""
+import os
+
+import jax
+import numpy as np
+
+
+class JaxEngine:
+    """Compiled steps of one model, optimizer, loss `(y, p) -> scalar` and metrics `(y, p) -> {name: (B,)}`."""
+
+    def __init__(self, model, optimizer, loss_fn, metrics_fn, distribution=None):
+        self.model, self.optimizer = model, optimizer
+        self.loss_fn, self.metrics_fn = loss_fn, metrics_fn
+        self.distribution = distribution
+        self.state = None
+        self._train = jax.jit(self._train_step, donate_argnums=0)
+        self._eval = jax.jit(self._eval_step)
+        self._predict = jax.jit(self._predict_step)
+
+    # ---- pure functions ------------------------------------------------------------------------
+    def _train_step(self, state, x, y):
+        trainable, non_trainable, opt_vars = state
+
+        def loss_of(trainable):
+            probs, new_non_trainable = self.model.stateless_call(trainable, non_trainable, x, training=True)
+            return self.loss_fn(y, probs), new_non_trainable
+
+        (loss, non_trainable), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+        trainable, opt_vars = self.optimizer.stateless_apply(opt_vars, grads, trainable)
+        return (trainable, non_trainable, opt_vars), loss
+
+    def _forward(self, state, x):
+        trainable, non_trainable, _ = state
+        probs, _ = self.model.stateless_call(trainable, non_trainable, x, training=False)
+        return probs
+
+    def _eval_step(self, state, x, y):
+        return self.metrics_fn(y, self._forward(state, x))
+
+    def _predict_step(self, state, x):
+        return jax.numpy.argmax(self._forward(state, x), axis=-1).astype("int8")
+
+    # ---- state -----------------------------------------------------------------------------------
+    def _current_state(self):
+        if self.state is None:
+            values = lambda variables: [v.value for v in variables]  # noqa: E731
+            self.state = (values(self.model.trainable_variables),
+                          values(self.model.non_trainable_variables),
+                          values(self.optimizer.variables))
+        return self.state
+
+    def commit(self):
+        """Write the training state back into the Keras variables (for checkpoints and inference)."""
+        if self.state is None:
+            return
+        variables = (self.model.trainable_variables, self.model.non_trainable_variables,
+                     self.optimizer.variables)
+        for group, values in zip(variables, self.state):
+            for variable, value in zip(group, values):
+                variable.assign(value)
+        self.state = None
+
+    def _inputs(self, *arrays):
+        """Host batches as device arrays, split over the devices with a data-parallel layout."""
+        arrays = [np.asarray(a) for a in arrays]
+        if self.distribution is None:
+            return arrays
+        return [jax.device_put(a, self.distribution.get_data_layout(a.shape).backend_layout)
+                for a in arrays]
+
+    # ---- the engine interface --------------------------------------------------------------------
+    def distribute(self, make_dataset):
+        """Host batches of `make_dataset()`: a tf.data pipeline or an iterator of NumPy arrays."""
+        dataset = make_dataset()
+        return dataset.as_numpy_iterator() if hasattr(dataset, "as_numpy_iterator") else dataset
+
+    def train_step(self, x, y):
+        """One optimizer step on a batch; returns the loss (a device scalar, not synced)."""
+        self.state, loss = self._train(self._current_state(), *self._inputs(x, y))
+        return loss
+
+    def eval_step(self, x, y):
+        """Per-sample hard dice scores of a batch: {name: (B,) numpy array}."""
+        scores = self._eval(self._current_state(), *self._inputs(x, y))
+        return {k: np.asarray(v) for k, v in scores.items()}
+
+    def predict_step(self, x):
+        """Argmax masks of a batch as int8 numpy (B, D, H, W)."""
+        return np.asarray(self._predict(self._current_state(), *self._inputs(x)))
+
+    def dump_compiled(self, out_dir, x, y):
+        """Write the training step's StableHLO (as lowered) and its optimized HLO (as compiled)."""
+        os.makedirs(out_dir, exist_ok=True)
+        lowered = self._train.lower(self._current_state(), *self._inputs(x, y))
+        with open(os.path.join(out_dir, "train_step.stablehlo.txt"), "w") as handle:
+            handle.write(lowered.as_text())
+        with open(os.path.join(out_dir, "train_step.hlo.txt"), "w") as handle:
+            handle.write(lowered.compile().as_text())
+
+    @staticmethod
+    def start_trace(out_dir):
+        """Start JAX's profiler; its trace goes under out_dir/plugins/profile."""
+        jax.profiler.start_trace(out_dir)
+
+    @staticmethod
+    def stop_trace():
+        """Stop the profiler and write its trace."""
+        jax.profiler.stop_trace()
+
+    @staticmethod
+    def to_float(loss):
+        """The value of a loss (waits for the step to finish)."""
+        return float(loss)
