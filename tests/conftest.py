@@ -6,3 +6,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+
+def phantom_records(root, cases, shape, seed):
+    """Write `cases` phantom BraTS cases under root/nifti and their TFRecords (one volume per
+    file) under root/records; returns the records folder."""
+    from dataset.phantom import write_brats_phantom
+    from dataset.preprocess_data import preprocess
+    write_brats_phantom(os.path.join(root, "nifti"), cases, shape=shape, seed=seed)
+    preprocess(os.path.join(root, "nifti"), os.path.join(root, "records"), vol_per_file=1,
+               single_data_dir=True, seed=0, workers=1)
+    return os.path.join(root, "records")
+
+
+def run_cli(*argv, timeout=300):
+    """main.py with `argv` in a subprocess; the CompletedProcess, output captured as text."""
+    import subprocess
+    return subprocess.run([sys.executable, "main.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_one_line_error(result, text):
+    """The run failed with a single stderr line that holds `text`, and no traceback."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and text in lines[0], result.stderr

@@ -5,20 +5,15 @@ import sys
 
 import pytest
 
-from dataset.phantom import write_brats_phantom
-from dataset.preprocess_data import preprocess
 from runtime.parse_results import METRICS, table
-from tests.conftest import ROOT
+from tests.conftest import ROOT, phantom_records
 
 SCRIPT = os.path.join(ROOT, "5-cross-validation.sh")
 
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cv")
-    write_brats_phantom(str(root / "nifti"), 5, shape=(40, 40, 36), seed=8, workers=2)
-    preprocess(str(root / "nifti"), str(root / "records"), vol_per_file=1, single_data_dir=True, seed=0)
-    return str(root / "records")
+    return phantom_records(str(tmp_path_factory.mktemp("cv")), 5, (40, 40, 36), seed=8)
 
 
 def run_script(records, results, *extra):

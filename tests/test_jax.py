@@ -1,30 +1,25 @@
 """The JAX backend on CPU: the same tool on phantom data, the same numbers as TensorFlow, and a
-synthetic benchmark with TensorFlow unavailable."""
+synthetic benchmark in a virtual environment without TensorFlow."""
 import json
 import os
 import subprocess
 import sys
+import sysconfig
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from dataset.phantom import write_brats_phantom
-from dataset.preprocess_data import preprocess
 from model.losses import get_loss
 from model.unet3d import build_unet3d
-from tests.conftest import ROOT
+from tests.conftest import ROOT, phantom_records
 
 JAX_ENV = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
 
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantom")
-    write_brats_phantom(str(root / "nifti"), 4, shape=(40, 40, 36), seed=6)
-    preprocess(str(root / "nifti"), str(root / "records"), vol_per_file=1, single_data_dir=True,
-               seed=0, workers=1)
-    return str(root / "records")
+    return phantom_records(str(tmp_path_factory.mktemp("phantom")), 4, (40, 40, 36), seed=6)
 
 
 def run_main(*argv, env=JAX_ENV):
@@ -114,12 +109,30 @@ def test_jax_and_tensorflow_agree_on_loss_and_gradients(tmp_path):
     assert compared == 100 - 22  # every kernel, norm scale and offset, and the unnormalized biases
 
 
-def test_synthetic_benchmark_on_jax_never_imports_tensorflow(tmp_path):
-    # `tensorflow` set to None in sys.modules makes every import of it fail, as if uninstalled.
-    code = ("import sys, runpy; sys.modules['tensorflow'] = None; sys.argv = ['main.py'] + sys.argv[1:]; "
-            "runpy.run_path('main.py', run_name='__main__')")
-    result = subprocess.run([sys.executable, "-c", code, "--synth_data", "--benchmark", "--exec_mode",
-                             "predict", "--batch_size", "1", "--warmup_steps", "1", "-d", "fp32",
+def venv_without_tensorflow(path):
+    """A fresh virtual environment at `path` that sees this one's packages except TensorFlow and
+    TensorBoard (through a .pth file of links): TensorFlow is not installed there."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
+    python = str(path / "bin" / "python")
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    here = sysconfig.get_paths()["purelib"]
+    links = path / "links"
+    links.mkdir()
+    for name in os.listdir(here):
+        if not name.startswith(("tensorflow", "tensorboard", "tf_keras")) and not name.endswith(".pth"):
+            os.symlink(os.path.join(here, name), links / name)
+    with open(os.path.join(site, "links.pth"), "w") as handle:
+        handle.write(f"{links}\n")
+    return python
+
+
+def test_synthetic_benchmark_on_jax_runs_without_tensorflow_installed(tmp_path):
+    python = venv_without_tensorflow(tmp_path / "venv")
+    missing = subprocess.run([python, "-c", "import tensorflow"], capture_output=True, text=True)
+    assert missing.returncode != 0 and "No module named 'tensorflow'" in missing.stderr
+    result = subprocess.run([python, "main.py", "--synth_data", "--benchmark", "--exec_mode", "predict",
+                             "--batch_size", "1", "--warmup_steps", "1", "-d", "fp32",
                              "--model_dir", str(tmp_path / "m"), "--log_dir", str(tmp_path / "l")],
                             cwd=ROOT, env=JAX_ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -12,8 +12,6 @@ import pytest
 import tensorflow as tf
 
 from dataset.data_loader import BratsData
-from dataset.phantom import write_brats_phantom
-from dataset.preprocess_data import preprocess
 from main import main
 from model.layers import InstanceNormalization, make_normalization
 from model.losses import dice_ce_loss, eval_dice_per_sample
@@ -21,6 +19,7 @@ from model.unet3d import build_unet3d
 from runtime.arguments import parse_args
 from runtime.hpu import HPU_DEVICE, setup_hpu
 from runtime.tasks import make_task
+from tests.conftest import phantom_records
 
 
 @pytest.fixture
@@ -66,11 +65,7 @@ def test_bf16_model_computes_convolutions_in_bf16_and_the_rest_in_float32(bf16_p
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantom")
-    write_brats_phantom(str(root / "nifti"), 3, shape=(40, 40, 36), seed=5)
-    preprocess(str(root / "nifti"), str(root / "records"), vol_per_file=1, single_data_dir=True,
-               seed=0, workers=1)
-    return str(root / "records")
+    return phantom_records(str(tmp_path_factory.mktemp("phantom")), 3, (40, 40, 36), seed=5)
 
 
 def train_log(tmp_path, records, *extra):

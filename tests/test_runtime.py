@@ -9,22 +9,17 @@ import time
 import numpy as np
 import pytest
 
-from dataset.phantom import write_brats_phantom
-from dataset.preprocess_data import preprocess
 from main import main
 from runtime import checkpoint
 from runtime.hooks import benchmark_stats
-from tests.conftest import ROOT
+from tests.conftest import ROOT, assert_one_line_error, phantom_records, run_cli
 
 METRICS = {"TumorCore", "PeritumoralEdema", "EnhancingTumor", "MeanDice", "WholeTumor"}
 
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantom")
-    write_brats_phantom(str(root / "nifti"), 6, shape=(48, 48, 40), seed=5, workers=2)
-    preprocess(str(root / "nifti"), str(root / "records"), vol_per_file=1, single_data_dir=True, seed=0)
-    return str(root / "records")
+    return phantom_records(str(tmp_path_factory.mktemp("phantom")), 6, (48, 48, 40), seed=5)
 
 
 def flags(records, tmp_path, *extra, name="run"):
@@ -133,18 +128,6 @@ def test_sigkill_while_saving_resumes_from_the_last_whole_checkpoint(records, tm
                              "--resume_training"]) == 0
     steps = [e["step"] for e in read_log(tmp_path) if e["type"] == "train"]
     assert steps[-1] == whole[0] + 1 and checkpoint.latest_checkpoint(str(tmp_path / "run" / "model"))[0] == whole[0] + 1
-
-
-def run_cli(*argv):
-    return subprocess.run([sys.executable, "main.py", *argv], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-
-
-def assert_one_line_error(result, text):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and text in lines[0], result.stderr
 
 
 def test_bad_input_gives_one_line_errors(records, tmp_path):

@@ -1,8 +1,6 @@
 """V-Net on MSD data (SPEC §2): the network, SimpleITK reading and resampling, every mode, bad input."""
 import json
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -15,7 +13,7 @@ from main import main
 from model.losses import soft_dice_per_sample, vnet_dice_loss
 from model.vnet import build_vnet
 from runtime.errors import UserError
-from tests.conftest import ROOT
+from tests.conftest import assert_one_line_error, run_cli
 
 
 def conv_params(k, c_in, c_out, norm=True):
@@ -140,18 +138,6 @@ def test_every_mode_and_nifti_geometry(task, tmp_path):
         assert main(vnet_flags(task, tmp_path, "--exec_mode", mode, name=mode)) == 0
         kinds = {e["type"] for e in read_log(tmp_path, mode)}
         assert "train" in kinds and ("eval" in kinds) == (mode == "train_and_evaluate")
-
-
-def run_cli(*argv):
-    return subprocess.run([sys.executable, "main.py", *argv], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-
-
-def assert_one_line_error(result, text):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and text in lines[0], result.stderr
 
 
 def copy_task(task, dest):
