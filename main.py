@@ -4,12 +4,14 @@ import sys
 
 from runtime.arguments import parse_args
 from runtime.errors import UserError
+from runtime.xla_flags import prefer_channels_last_convolutions
 
 
 def main(argv=None):
     """Run the tool with the given command line (sys.argv[1:] when None); returns the exit code."""
     args = parse_args(argv)
     os.environ["KERAS_BACKEND"] = args.backend  # before Keras is imported
+    prefer_channels_last_convolutions()  # before XLA starts
     from runtime.run import run
     try:
         run(args)

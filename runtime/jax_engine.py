@@ -4,11 +4,53 @@ The model's and optimizer's variables live as a tuple of JAX arrays while traini
 each step, so updated in place) and are written back into the Keras variables by `commit()`:
 before a checkpoint, at the end of training. With several devices the batch is split over them
 (Keras' DataParallel layout); the variables are replicated and XLA all-reduces the gradients.
+Training batches are copied to the devices by a background thread, ahead of the step that uses
+them, so the copy overlaps the previous step.
 """
 import os
+import queue
+import threading
 
 import jax
 import numpy as np
+
+PREFETCH_DEPTH = 2
+
+
+def prefetch_to_device(batches, put, depth=PREFETCH_DEPTH):
+    """Yield `put(*batch)` for every batch of `batches`, the next `depth` of them prepared by a
+    background thread while the caller works. An error of the thread is raised here; closing the
+    generator stops the thread and waits for it."""
+    ready, stop, done = queue.Queue(maxsize=depth), threading.Event(), object()
+
+    def offer(item):
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce():
+        try:
+            for batch in batches:
+                if not offer(put(*batch)):
+                    return
+            offer(done)
+        except BaseException as err:  # raised again in the consumer
+            offer(err)
+
+    producer = threading.Thread(target=produce, name="prefetch-to-device", daemon=True)
+    producer.start()
+    try:
+        while (item := ready.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:  # a thread left inside XLA when the interpreter exits aborts the process
+        stop.set()
+        producer.join()
 
 
 class JaxEngine:
@@ -67,18 +109,24 @@ class JaxEngine:
         self.state = None
 
     def _inputs(self, *arrays):
-        """Host batches as device arrays, split over the devices with a data-parallel layout."""
-        arrays = [np.asarray(a) for a in arrays]
-        if self.distribution is None:
-            return arrays
-        return [jax.device_put(a, self.distribution.get_data_layout(a.shape).backend_layout)
-                for a in arrays]
+        """Batches as device arrays (split over the devices with a data-parallel layout); arrays
+        already on the devices pass unchanged."""
+        def place(a):
+            if isinstance(a, jax.Array):
+                return a
+            a = np.asarray(a)
+            if self.distribution is None:
+                return jax.device_put(a)
+            return jax.device_put(a, self.distribution.get_data_layout(a.shape).backend_layout)
+        return [place(a) for a in arrays]
 
     # ---- the engine interface --------------------------------------------------------------------
     def distribute(self, make_dataset):
-        """Host batches of `make_dataset()`: a tf.data pipeline or an iterator of NumPy arrays."""
+        """The batches of `make_dataset()` (a tf.data pipeline or an iterator of NumPy arrays) as
+        device arrays, each copied while the step before it runs."""
         dataset = make_dataset()
-        return dataset.as_numpy_iterator() if hasattr(dataset, "as_numpy_iterator") else dataset
+        host = dataset.as_numpy_iterator() if hasattr(dataset, "as_numpy_iterator") else dataset
+        return prefetch_to_device(host, self._inputs)
 
     def train_step(self, x, y):
         """One optimizer step on a batch; returns the loss (a device scalar, not synced)."""

@@ -21,17 +21,20 @@ class Trainer:
         self.hooks.begin("train", last_step, first_step)
         step, loss_value = first_step, None
         batches = iter(self.engine.distribute(make_dataset))
-        for step in range(first_step + 1, last_step + 1):
-            x, y = next(batches)
-            if self.dump_dir and step == first_step + 1:
-                self.engine.dump_compiled(self.dump_dir, x, y)
-            loss = self.engine.train_step(x, y)
-            synced = self.sync_every_step or step % self.log_every == 0 or step == last_step
-            loss_value = self.engine.to_float(loss) if synced else None
-            if loss_value is not None and not np.isfinite(loss_value):
-                raise FloatingPointError(f"the loss became {loss_value} at step {step}; lower "
-                                         "--learning_rate or check the data")
-            self.hooks.after_step("train", step, batch_size, loss_value)
+        try:
+            for step in range(first_step + 1, last_step + 1):
+                x, y = next(batches)
+                if self.dump_dir and step == first_step + 1:
+                    self.engine.dump_compiled(self.dump_dir, x, y)
+                loss = self.engine.train_step(x, y)
+                synced = self.sync_every_step or step % self.log_every == 0 or step == last_step
+                loss_value = self.engine.to_float(loss) if synced else None
+                if loss_value is not None and not np.isfinite(loss_value):
+                    raise FloatingPointError(f"the loss became {loss_value} at step {step}; lower "
+                                             "--learning_rate or check the data")
+                self.hooks.after_step("train", step, batch_size, loss_value)
+        finally:  # stop a prefetching reader now, not at interpreter exit
+            getattr(batches, "close", lambda: None)()
         self.engine.commit()
         self.hooks.end("train", step, {})
         return loss_value

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 import sysconfig
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -12,6 +14,8 @@ import tensorflow as tf
 
 from model.losses import get_loss
 from model.unet3d import build_unet3d
+from runtime.jax_engine import prefetch_to_device
+from runtime.xla_flags import prefer_channels_last_convolutions
 from tests.conftest import ROOT, phantom_records
 
 JAX_ENV = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
@@ -137,3 +141,39 @@ def test_synthetic_benchmark_on_jax_runs_without_tensorflow_installed(tmp_path):
                             cwd=ROOT, env=JAX_ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "throughput_predict" in result.stdout and "Latency_predict 99%" in result.stdout
+
+
+def double(*batch):
+    return [2 * b for b in batch]
+
+
+def test_prefetch_to_device_keeps_the_order_and_raises_the_readers_error():
+    assert list(prefetch_to_device(iter([(1, 10), (2, 20), (3, 30)]), double)) == [[2, 20], [4, 40], [6, 60]]
+
+    def truncated():
+        yield (1,)
+        raise OSError("part-3.tfrecord is truncated")
+
+    batches = prefetch_to_device(truncated(), double)
+    assert next(batches) == [2]
+    with pytest.raises(OSError, match="part-3.tfrecord"):
+        next(batches)
+
+
+def test_prefetch_to_device_stops_its_thread_when_training_stops():
+    endless = ((i,) for i in iter(int, 1))
+    batches = prefetch_to_device(endless, double)
+    assert next(batches) == [0]
+    batches.close()
+    deadline = time.time() + 5
+    while any(t.name == "prefetch-to-device" for t in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "prefetch-to-device" for t in threading.enumerate())
+
+
+def test_xla_is_asked_for_channels_last_convolutions_unless_the_user_chose_a_layout():
+    assert prefer_channels_last_convolutions({}) == "--xla_gpu_force_conv_nhwc=true"
+    env = {"XLA_FLAGS": "--xla_dump_to=/tmp/hlo"}
+    assert prefer_channels_last_convolutions(env) == "--xla_dump_to=/tmp/hlo --xla_gpu_force_conv_nhwc=true"
+    for chosen in ("--xla_gpu_force_conv_nchw=true", "--xla_gpu_force_conv_nhwc=false"):
+        assert prefer_channels_last_convolutions({"XLA_FLAGS": chosen}) == chosen

@@ -1,0 +1,93 @@
+"""Where UNet3D's JAX training step spends its time on a GPU.
+
+usage: KERAS_BACKEND=jax python bench/step_profile.py [--dtype bf16] [--size 128] [--trace DIR]
+Times the jitted training step (batch 2, Adam, dice+ce) with the batch already on the device and
+with a host batch copied each step, then traces a few steps and prints the GPU kernels that take
+the most time per step. XLA gets the tool's flags (runtime/xla_flags.py); set
+XLA_FLAGS=--xla_gpu_force_conv_nhwc=false to see XLA's own layout choice instead.
+"""
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from runtime.xla_flags import prefer_channels_last_convolutions  # noqa: E402
+
+prefer_channels_last_convolutions()
+
+import jax  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from model.losses import get_loss  # noqa: E402
+from model.unet3d import build_unet3d  # noqa: E402
+from runtime.jax_engine import JaxEngine  # noqa: E402
+
+
+def time_steps(engine, x, y, steps, warmup):
+    """Median ms of `steps` training steps after `warmup`, each waited for."""
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        float(engine.train_step(x, y))
+        if i >= warmup:
+            times.append(1000 * (time.perf_counter() - start))
+    return float(np.median(times))
+
+
+def top_kernels(trace_dir, steps, count=15):
+    """(GPU ms per step, [(ms per step, launches per step, kernel name)]) from a JAX trace."""
+    (path,) = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+    with gzip.open(path) as handle:
+        events = json.load(handle)["traceEvents"]
+    gpus = {e["pid"] for e in events if e.get("name") == "process_name" and "GPU" in e["args"]["name"]}
+    total, launches = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e["pid"] in gpus:
+            total[e["name"]] += e["dur"] / 1000 / steps
+            launches[e["name"]] += 1
+    rows = [(ms, launches[name] // steps, name) for name, ms in total.most_common(count)]
+    return sum(total.values()), rows
+
+
+def main():
+    """Time the step, trace it, print the summary."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--size", type=int, default=128, help="crop edge (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--trace", default=None, help="trace 5 steps into DIR and list the top kernels")
+    args = parser.parse_args()
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16" if args.dtype == "bf16" else "float32")
+    rng = np.random.default_rng(0)
+    shape = (2,) + (args.size,) * 3
+    x_host = rng.normal(size=shape + (4,)).astype(np.float32)
+    y_host = np.eye(4, dtype=np.float32)[rng.integers(0, 4, size=shape)]
+    model = build_unet3d(4, seed=0)
+    optimizer = keras.optimizers.Adam(1e-4)
+    optimizer.build(model.trainable_variables)
+    engine = JaxEngine(model, optimizer, get_loss("dice+ce"), None)
+    x_dev, y_dev = engine._inputs(x_host, y_host)
+    result = {"dtype": args.dtype, "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+              "device": jax.devices()[0].device_kind,
+              "step_ms_device_batch": time_steps(engine, x_dev, y_dev, args.steps, 10),
+              "step_ms_host_batch": time_steps(engine, x_host, y_host, args.steps, 3)}
+    print(json.dumps(result), flush=True)
+    if args.trace:
+        jax.profiler.start_trace(args.trace)
+        time_steps(engine, x_dev, y_dev, 5, 0)
+        jax.profiler.stop_trace()
+        busy, rows = top_kernels(args.trace, 5)
+        print(f"GPU busy {busy:.1f} ms per step; top kernels (ms/step, launches/step):")
+        for ms, n, name in rows:
+            print(f"{ms:7.2f} {n:5d}  {name[:110]}")
+
+
+if __name__ == "__main__":
+    main()
