@@ -19,11 +19,12 @@ def phantom_records(root, cases, shape, seed):
     return os.path.join(root, "records")
 
 
-def run_cli(*argv, timeout=300):
-    """main.py with `argv` in a subprocess; the CompletedProcess, output captured as text."""
+def run_cli(*argv, timeout=300, env=None):
+    """main.py with `argv` in a subprocess (environment `env`, default this one's); the
+    CompletedProcess, output captured as text."""
     import subprocess
     return subprocess.run([sys.executable, "main.py", *argv], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
 
 
 def assert_one_line_error(result, text):
