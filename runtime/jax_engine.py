@@ -120,6 +120,16 @@ class JaxEngine:
             return jax.device_put(a, self.distribution.get_data_layout(a.shape).backend_layout)
         return [place(a) for a in arrays]
 
+    def _whole_inputs(self, *arrays):
+        """(device arrays, batch size): an evaluation or prediction batch, its last example repeated
+        up to a multiple of the device count so that the batch splits evenly over the devices."""
+        arrays = [np.asarray(a) for a in arrays]
+        n = len(arrays[0])
+        extra = -n % (self.distribution.device_mesh.devices.size if self.distribution else 1)
+        if extra:
+            arrays = [np.concatenate([a, np.repeat(a[-1:], extra, axis=0)]) for a in arrays]
+        return self._inputs(*arrays), n
+
     # ---- the engine interface --------------------------------------------------------------------
     def distribute(self, make_dataset):
         """The batches of `make_dataset()` (a tf.data pipeline or an iterator of NumPy arrays) as
@@ -135,12 +145,14 @@ class JaxEngine:
 
     def eval_step(self, x, y):
         """Per-sample hard dice scores of a batch: {name: (B,) numpy array}."""
-        scores = self._eval(self._current_state(), *self._inputs(x, y))
-        return {k: np.asarray(v) for k, v in scores.items()}
+        inputs, n = self._whole_inputs(x, y)
+        scores = self._eval(self._current_state(), *inputs)
+        return {k: np.asarray(v)[:n] for k, v in scores.items()}
 
     def predict_step(self, x):
         """Argmax masks of a batch as int8 numpy (B, D, H, W)."""
-        return np.asarray(self._predict(self._current_state(), *self._inputs(x)))
+        inputs, n = self._whole_inputs(x)
+        return np.asarray(self._predict(self._current_state(), *inputs))[:n]
 
     def dump_compiled(self, out_dir, x, y):
         """Write the training step's StableHLO (as lowered) and its optimized HLO (as compiled)."""

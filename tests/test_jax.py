@@ -49,6 +49,20 @@ def test_train_evaluate_predict_on_jax(records, tmp_path):
     assert os.path.exists(tmp_path / "m" / "checkpoints" / "ckpt-2.npz")
 
 
+def test_two_devices_share_the_batch_and_odd_batches_still_evaluate(records, tmp_path):
+    # Two CPU devices stand in for two GPUs; the single validation volume cannot be split in two.
+    env = {**JAX_ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    common = ["--data_dir", records, "--num_folds", "4", "--batch_size", "1", "-d", "fp32", "--seed", "1",
+              "--log_every", "1", "--model_dir", str(tmp_path / "m"), "--log_dir", str(tmp_path / "l")]
+    run_main(*common, "--exec_mode", "train_and_evaluate", "--max_steps", "4", env=env)
+    run_main(*common, "--exec_mode", "predict", env=env)
+    log = [json.loads(line) for line in open(tmp_path / "l" / "log.json")]
+    assert [e["step"] for e in log if e["type"] == "train"] == [1, 2]  # 4 steps' samples, 2 per step
+    (evaluation,) = [e["data"] for e in log if e["type"] == "eval"]
+    assert 0 <= evaluation["WholeTumor"] <= 1
+    assert [f for f in os.listdir(tmp_path / "m") if f.endswith(".npy")] == ["vol_0.npy"]
+
+
 JAX_GRADIENTS = """
 import sys
 import jax, keras, numpy as np
