@@ -76,6 +76,7 @@ class BratsData:
         self.eval_records = [r for records in found[len(self.train_files):] for r in records]
         self.n_train = sum(len(records) for records in found[:len(self.train_files)])
         self.n_eval = len(self.eval_records)
+        self.n_test = self.n_eval  # predict runs over the validation volumes
         self.volume_shape = next(r for records in found for r in records)["shape"]
         self.crop_shape = windows.train_crop_shape(self.volume_shape)
         self.window = windows.eval_window(self.volume_shape)

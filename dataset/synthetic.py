@@ -38,6 +38,7 @@ class SyntheticData:
         self.volume_shape = BRATS_SHAPE
         self.crop_shape, self.window = train_crop_shape(BRATS_SHAPE), eval_window(BRATS_SHAPE)
         self.n_train = self.n_eval = 1
+        self.n_test = batch_size  # the test batch's images
         self.eval_records = [{"case": "synthetic", "shape": BRATS_SHAPE, "affine": np.eye(4)}]
 
     def train_dataset(self, start_step=0):

@@ -20,6 +20,12 @@ class Task:
 class UNet3DTask(Task):
     """UNet3D on BraTS TFRecords (or the phantom BraTS data, or synthetic data)."""
 
+    def __init__(self, args, hpu=None):
+        super().__init__(args, hpu)
+        if args.synth_data and args.save_nifti:
+            raise UserError("--save_nifti: synthetic test images have no case grid to write onto; "
+                            "leave out --save_nifti or --synth_data")
+
     def data(self, worker_id=0, num_workers=1, batch_size=None):
         """The BraTS pipelines of this worker, in batches of `batch_size` (default --batch_size)."""
         a = self.args
@@ -63,8 +69,8 @@ class UNet3DTask(Task):
         return max(1, self.args.max_steps // num_workers)
 
     def mask_names(self, data):
-        """vol_<i> for the i-th validation volume."""
-        return [f"vol_{i}" for i in range(data.n_eval)]
+        """vol_<i> for the i-th prediction volume (a validation volume, or a synthetic test image)."""
+        return [f"vol_{i}" for i in range(data.n_test)]
 
     def nifti_writer(self, data, out_dir):
         """Masks as <case>.nii.gz in BraTS labels on the case's grid."""

@@ -11,6 +11,7 @@ import pytest
 
 from main import main
 from runtime import checkpoint
+from runtime.errors import UserError
 from runtime.hooks import benchmark_stats
 from tests.conftest import ROOT, assert_one_line_error, phantom_records, run_cli
 
@@ -62,6 +63,18 @@ def test_every_mode(records, tmp_path):
                       "--disable_ckpt_saving", name="chain2")) == 0
     assert os.path.exists(tmp_path / "chain2" / "model" / "vol_1.npy")
     assert not os.path.exists(tmp_path / "chain2" / "model" / "checkpoints")
+
+
+def test_every_synthetic_test_image_gets_a_mask_name():
+    from dataset.synthetic import SyntheticData
+    from runtime.arguments import parse_args
+    from runtime.tasks import make_task
+    data = SyntheticData(3, seed=0)
+    (images,) = data.test_dataset()
+    names = make_task(parse_args(["--synth_data", "--batch_size", "3"])).mask_names(data)
+    assert len(images) == 3 and names == ["vol_0", "vol_1", "vol_2"]
+    with pytest.raises(UserError, match="--save_nifti"):
+        make_task(parse_args(["--synth_data", "--save_nifti"]))
 
 
 def test_resume_continues_and_matches_an_uninterrupted_run(records, tmp_path):
