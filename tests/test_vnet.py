@@ -140,19 +140,17 @@ def test_every_mode_and_nifti_geometry(task, tmp_path):
         assert "train" in kinds and ("eval" in kinds) == (mode == "train_and_evaluate")
 
 
-def test_every_mode_on_the_jax_backend(task, tmp_path):
+def test_training_and_evaluation_on_the_jax_backend(task, tmp_path):
+    # Prediction runs the same engine step on either network: tests/test_jax.py covers it.
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
-    for mode in ("train_and_evaluate", "predict"):
-        result = run_cli("--backend", "jax", *vnet_flags(task, tmp_path, "--exec_mode", mode, "--seed", "0",
-                                                         "--train_epochs", "1"), env=env, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
+    result = run_cli("--backend", "jax", *vnet_flags(task, tmp_path, "--exec_mode", "train_and_evaluate",
+                                                     "--seed", "0", "--train_epochs", "1"), env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
     log = read_log(tmp_path)
     losses = [e["data"]["loss"] for e in log if e["type"] == "train"]
     assert [e["step"] for e in log if e["type"] == "train"][-1] == 4 and np.all(np.isfinite(losses))
     (scores,) = [e["data"] for e in log if e["type"] == "eval"]
     assert all(0 <= scores[f"{n}_hard_dice"] <= 1 for n in ("anterior", "posterior"))
-    mask = np.load(tmp_path / "run" / "model" / "hippocampus_010.npy")
-    assert mask.shape == (32, 32, 16) and mask.dtype == np.int8 and set(np.unique(mask)) <= {0, 1, 2}
 
 
 def copy_task(task, dest):
