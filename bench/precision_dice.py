@@ -5,19 +5,14 @@ Trains and evaluates twice with main.py and prints each run's validation dice an
 WholeTumor dice (the acceptance bound is 0.03).
 """
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def final_eval(log_path):
-    """The last evaluation entry of a log.json."""
-    with open(log_path) as handle:
-        return [json.loads(line)["data"] for line in handle if '"eval"' in line][-1]
+sys.path.insert(0, ROOT)
+from runtime.parse_results import final_eval  # noqa: E402
 
 
 def main():
@@ -34,7 +29,7 @@ def main():
         subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--exec_mode", "train_and_evaluate",
                         "--max_steps", str(args.max_steps), "--seed", str(args.seed), "--dtype", dtype,
                         "--log_every", "50", "--model_dir", run_dir, "--log_dir", run_dir], check=True)
-        scores[dtype] = final_eval(os.path.join(run_dir, "log.json"))
+        scores[dtype] = final_eval(run_dir)
     for dtype, data in scores.items():
         print(dtype, " ".join(f"{k} {v:.4f}" for k, v in data.items()))
     gap = abs(scores["fp32"]["WholeTumor"] - scores["bf16"]["WholeTumor"])

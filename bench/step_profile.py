@@ -73,7 +73,7 @@ def main():
     optimizer = keras.optimizers.Adam(1e-4)
     optimizer.build(model.trainable_variables)
     engine = JaxEngine(model, optimizer, get_loss("dice+ce"), None)
-    x_dev, y_dev = engine._inputs(x_host, y_host)
+    x_dev, y_dev = jax.device_put(x_host), jax.device_put(y_host)
     result = {"dtype": args.dtype, "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
               "device": jax.devices()[0].device_kind,
               "step_ms_device_batch": time_steps(engine, x_dev, y_dev, args.steps, 10),

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from dataset import transforms, windows
 from dataset.records import decode_example, decode_metadata
-from dataset.synthetic import SyntheticData
+from dataset.synthetic import SyntheticData, base_seed
 from runtime.errors import UserError
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -67,7 +67,7 @@ class BratsData:
     def __init__(self, data_dir, batch_size, fold=0, num_folds=5, seed=None, augment=True,
                  worker_id=0, num_workers=1, prefetch_device=None):
         self.batch_size = batch_size
-        self.seed = _base_seed(seed)
+        self.seed = base_seed(seed)
         self.augment = augment
         self.worker_id, self.num_workers = worker_id, num_workers
         self.prefetch_device = prefetch_device
@@ -155,10 +155,3 @@ def prefetch(ds, device=None):
     if device:
         return ds.apply(tf.data.experimental.prefetch_to_device(device))
     return ds.prefetch(AUTOTUNE)
-
-
-def _base_seed(seed):
-    """The pipeline's seed: `seed` itself, or a fresh random one when None."""
-    if seed is not None:
-        return int(seed)
-    return int(np.random.SeedSequence().entropy % (2 ** 31))

@@ -14,6 +14,13 @@ POOL = 4
 TEST_SHAPE = (64, 64, 64)
 
 
+def base_seed(seed):
+    """A pipeline's seed: `seed` itself, or a fresh random one when None."""
+    if seed is not None:
+        return int(seed)
+    return int(np.random.SeedSequence().entropy % (2 ** 31))
+
+
 def _train_example(x, y, crop, rng, augment):
     starts = [int(rng.integers(0, max(size - c, 1))) for size, c in zip(x.shape[:3], crop)]
     window = tuple(slice(s, s + c) for s, c in zip(starts, crop))
@@ -31,7 +38,7 @@ class SyntheticData:
 
     def __init__(self, batch_size, seed=None, augment=True):
         self.batch_size, self.augment = batch_size, augment
-        self.seed = int(seed) if seed is not None else int(np.random.SeedSequence().entropy % 2 ** 31)
+        self.seed = base_seed(seed)
         rng = np.random.default_rng(self.seed)
         self.x = rng.integers(0, 255, size=BRATS_SHAPE + (N_MODALITIES,), dtype=np.uint8)
         self.y = rng.integers(0, N_CLASSES, size=BRATS_SHAPE, dtype=np.uint8)

@@ -196,8 +196,9 @@ def _add_precision_flags(parser):
                        help="float16 automatic mixed precision with loss scaling (GPU)")
     xla = group.add_mutually_exclusive_group()
     xla.add_argument("--use_xla", "--xla", dest="use_xla", action="store_true", default=None,
-                     help="compile the steps with XLA (default: on when a GPU is visible; off on "
-                          "CPU, where XLA makes UNet3D training about ten times slower, and on HPU)")
+                     help="compile the steps with XLA (default: on when a GPU is visible, off "
+                          "otherwise: on CPU XLA makes UNet3D training about ten times slower, and "
+                          "HPUs run without it; always on with --backend jax)")
     xla.add_argument("--no_xla", dest="use_xla", action="store_false",
                      help="do not compile with XLA")
     group.add_argument("--no_hpu", action="store_true", help="do not load the Habana modules")

@@ -50,8 +50,7 @@ def setup_hpu(args):
         print("no Habana software found (habana_frameworks): running on CPU/GPU; --no_hpu skips "
               "this check", flush=True)
         return None
-    if args.dtype == "bf16":
-        check_bf16_config(args.bf16_config_path)
+    if args.dtype == "bf16":  # the config was checked by runtime.run.configure
         os.environ["TF_BF16_CONVERSION"] = os.path.abspath(args.bf16_config_path)
     habana.load_habana_module()
     norm = importlib.import_module("habana_frameworks.tensorflow.ops.instance_norm")
