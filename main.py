@@ -3,7 +3,7 @@ import os
 import sys
 
 from runtime.arguments import parse_args
-from runtime.errors import UserError
+from common.errors import UserError
 from runtime.xla_flags import prefer_channels_last_convolutions
 
 

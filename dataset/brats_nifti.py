@@ -7,7 +7,7 @@ import os
 import nibabel as nib
 import numpy as np
 
-from runtime.errors import UserError
+from common.errors import UserError
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 SEG = "seg"

@@ -10,7 +10,7 @@ import tensorflow as tf
 from dataset import transforms, windows
 from dataset.records import decode_example, decode_metadata
 from dataset.synthetic import SyntheticData, base_seed
-from runtime.errors import UserError
+from common.errors import UserError
 
 AUTOTUNE = tf.data.AUTOTUNE
 

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import SimpleITK as sitk
 
-from runtime.errors import UserError
+from common.errors import UserError
 
 INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor,
                  "bspline": sitk.sitkBSpline}

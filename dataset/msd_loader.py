@@ -7,8 +7,8 @@ import tensorflow as tf
 
 from dataset.data_loader import prefetch
 from dataset.msd import load_case, read_dataset_json
-from runtime.errors import UserError
-from runtime.progress import Progress
+from common.errors import UserError
+from common.progress import Progress
 
 AUTOTUNE = tf.data.AUTOTUNE
 CT = "CT"

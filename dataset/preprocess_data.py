@@ -23,9 +23,9 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 import numpy as np
 
 from dataset.brats_nifti import convert_case
-from runtime.errors import UserError
-from runtime.progress import Progress
-from runtime.quiet_import import import_tensorflow
+from common.errors import UserError
+from common.progress import Progress
+from common.quiet_import import import_tensorflow
 
 MIN_SIZE = 32
 

@@ -13,7 +13,7 @@ import zipfile
 
 import numpy as np
 
-from runtime.errors import UserError
+from common.errors import UserError
 
 PATTERN = re.compile(r"^ckpt-(\d+)\.npz$")
 

@@ -12,7 +12,7 @@ import json
 import os
 import socket
 
-from runtime.errors import UserError
+from common.errors import UserError
 
 COLLECTIVE_TIMEOUT_S = 120
 SLURM_PORT = 8888

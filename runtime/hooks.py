@@ -150,7 +150,7 @@ class ProgressHook(Hook):
         self.bar = None
 
     def begin(self, mode, total_steps, first_step):
-        from runtime.progress import Progress
+        from common.progress import Progress
         if self.stream.isatty() and total_steps:
             self.bar = Progress(total_steps, mode, self.stream)
             self.bar.done = first_step
@@ -213,7 +213,7 @@ class TensorBoardHook(Hook):
     """TensorBoard scalars (loss, throughput, evaluation metrics) and the run's hyper-parameters."""
 
     def __init__(self, log_dir, hparams, log_every):
-        from runtime.quiet_import import import_tensorflow
+        from common.quiet_import import import_tensorflow
         self.tf = import_tensorflow()
         self.writer = self.tf.summary.create_file_writer(log_dir)
         self.log_dir = log_dir

@@ -11,7 +11,7 @@ import importlib
 import json
 import os
 
-from runtime.errors import UserError
+from common.errors import UserError
 
 HPU_DEVICE = "/device:HPU:0"
 BF16_KEYS = ("allowlist", "conditional_list", "strict_conditional_list", "non_convertible_exceptions",

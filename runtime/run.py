@@ -8,7 +8,7 @@ import tempfile
 import numpy as np
 
 from runtime import checkpoint
-from runtime.errors import UserError
+from common.errors import UserError
 from runtime.hooks import (BenchmarkHook, CheckpointHook, Hooks, Logger, LoggingHook, ProfileHook,
                            ProgressHook, TensorBoardHook)
 from runtime.tasks import make_task
@@ -40,7 +40,7 @@ def configure(args):
     XLA is always on. Returns (tensorflow or None, Hpu or None).
     """
     from runtime.hpu import check_bf16_config, setup_hpu
-    from runtime.quiet_import import import_tensorflow
+    from common.quiet_import import import_tensorflow
     if args.dtype == "bf16" and not args.use_amp:
         check_bf16_config(args.bf16_config_path)
     hpu = setup_hpu(args) if args.backend == "tensorflow" else None

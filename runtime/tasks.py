@@ -5,7 +5,7 @@
 import math
 import os
 
-from runtime.errors import UserError
+from common.errors import UserError
 
 
 class Task:

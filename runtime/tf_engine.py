@@ -4,7 +4,7 @@ With the default strategy this is a plain single-device `tf.function` (XLA when 
 multi-device or multi-worker strategy each step runs on every replica through `strategy.run`;
 the optimizer all-reduces the gradients. With Horovod, `all_reduce` averages them instead.
 """
-from runtime.quiet_import import import_tensorflow
+from common.quiet_import import import_tensorflow
 
 
 class TFEngine:

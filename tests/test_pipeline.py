@@ -10,7 +10,7 @@ from dataset.synthetic import SyntheticData
 from dataset.phantom import write_brats_phantom
 from dataset.preprocess_data import preprocess
 from dataset.records import encode_example
-from runtime.errors import UserError
+from common.errors import UserError
 
 
 def write_records(path, volumes, reference_format=False):

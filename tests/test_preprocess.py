@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from dataset.preprocess_data import preprocess
-from runtime.errors import UserError
+from common.errors import UserError
 from tests.brats_files import AFFINE, expected_record, write_case
 from tests.conftest import ROOT
 

@@ -11,7 +11,7 @@ import pytest
 
 from main import main
 from runtime import checkpoint
-from runtime.errors import UserError
+from common.errors import UserError
 from runtime.hooks import benchmark_stats
 from tests.conftest import ROOT, assert_one_line_error, phantom_records, run_cli
 

@@ -12,7 +12,7 @@ from dataset.phantom_msd import write_msd_phantom
 from main import main
 from model.losses import soft_dice_per_sample, vnet_dice_loss
 from model.vnet import build_vnet
-from runtime.errors import UserError
+from common.errors import UserError
 from tests.conftest import assert_one_line_error, run_cli
 
 
