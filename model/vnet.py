@@ -4,8 +4,9 @@ Input block: a convolution layer to 16 channels plus the input. Down blocks: a 2
 convolution layer doubling the channels (or pooling and a convolution layer), then a residual
 block of `depth` convolution layers. Up blocks: a 2×2×2 stride-2 up-convolution with
 normalization and activation to the skip's channels, the skip concatenated, a residual block.
-Output: an up-convolution to the shallowest skip's channels, a 1×1×1 convolution to the classes
-(no normalization, no activation), softmax. A convolution layer is Conv3D, normalization,
+Output: an up-convolution to the shallowest skip's channels, a convolution of the blocks' kernel
+size (`convolution_size`, 3 by default, as the reference's output block) to the classes (no
+normalization, no activation), softmax. A convolution layer is Conv3D, normalization,
 activation.
 """
 import keras
@@ -104,6 +105,6 @@ def build_vnet(input_shape=(32, 32, 32, 1), config=None, seed=None, instance_nor
         x = keras.layers.Concatenate(name=b.name("concat"))([x, skip])
         x = b.residual(x, depth)
     x = b.up(x, skips.pop().shape[-1])
-    logits = b.conv_layer(x, config.n_classes, kernel=1, norm=False, act=False)
+    logits = b.conv_layer(x, config.n_classes, norm=False, act=False)
     probs = softmax()(logits)
     return keras.Model(inputs, probs, name="vnet")

