@@ -71,6 +71,7 @@ class BratsData:
         self.augment = augment
         self.worker_id, self.num_workers = worker_id, num_workers
         self.prefetch_device = prefetch_device
+        self.fold, self.num_folds = fold, num_folds
         self.train_files, self.eval_files = split_folds(list_records(data_dir), fold, num_folds)
         found = scan_records(self.train_files + self.eval_files)
         self.eval_records = [r for records in found[len(self.train_files):] for r in records]
@@ -84,8 +85,20 @@ class BratsData:
     def _parse(self, serialized):
         return decode_example(serialized, self.volume_shape)
 
+    def check_trainable(self):
+        """A UserError unless every worker's shard of the training files holds a record."""
+        if self.n_train == 0:
+            n_files = len(self.train_files) + len(self.eval_files)
+            raise UserError(f"--num_folds {self.num_folds}: only {n_files} record files for "
+                            f"{self.num_folds} folds, so fold {self.fold} leaves no training files; "
+                            "use fewer --num_folds or more files")
+        if self.n_train < self.num_workers:
+            raise UserError(f"{self.n_train} training volumes for {self.num_workers} workers: each "
+                            "worker needs one; use fewer workers, fewer --num_folds or more files")
+
     def train_dataset(self, start_step=0):
         """Endless batches of (x (B, crop…, 4), one-hot y), resuming the stream at `start_step`."""
+        self.check_trainable()
         ds = tf.data.TFRecordDataset(self.train_files)
         ds = ds.shard(self.num_workers, self.worker_id).cache()
         ds = ds.shuffle(8 * self.batch_size, seed=self.seed).repeat()

@@ -168,6 +168,16 @@ def test_bad_input_gives_one_line_errors(records, tmp_path):
     assert_one_line_error(run_cli(*flags(records, tmp_path, "--exec_mode", "train"), "--num_folds", "8",
                                   "--fold", "7"), "no validation files")
 
+    one = tmp_path / "one"  # one record file and the default five folds: fold 0 has nothing to train
+    one.mkdir()
+    first = sorted(os.listdir(records))[0]
+    (one / first).write_bytes(open(os.path.join(records, first), "rb").read())
+    result = run_cli("--data_dir", str(one), "--model_dir", str(tmp_path / "one_run"), "--log_dir",
+                     str(tmp_path / "one_logs"), "-d", "fp32", "--exec_mode", "train_and_evaluate")
+    assert result.returncode == 1
+    assert_one_line_error(result, "--num_folds 5: only 1 record files for 5 folds, so fold 0 leaves "
+                                  "no training files")
+
     result = run_cli(*flags(str(empty), tmp_path, "--exec_mode", "train"), "--tf_verbosity", "0")
     assert result.returncode != 0 and "Traceback" in result.stderr
 
