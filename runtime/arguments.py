@@ -152,7 +152,7 @@ def _add_vnet_flags(parser):
 
 COMMON_DEFAULTS = {"batch_size": (2, 8), "seed": (None, 0), "log_every": (100, 10),
                    "warmup_steps": (40, 200), "augment": (True, False), "loss": ("dice+ce", "dice"),
-                   "dtype": ("bf16", "fp32")}
+                   "dtype": (None, "fp32")}  # None: bf16 where native, else fp32 (runtime/precision.py)
 UNET3D_DEFAULTS = {"max_steps": 16000, "fold": 0, "num_folds": 5, "learning_rate": 0.0002,
                    "normalization": "instancenorm", "include_background": False}
 VNET_DEFAULTS = {"data_normalization": "zscore", "activation": "relu", "resize_interpolator": "linear",
@@ -189,11 +189,17 @@ def _add_precision_flags(parser):
                        help="Keras backend (default: $KERAS_BACKEND, else tensorflow); with jax, XLA "
                             "is always on and --synth_data needs no TensorFlow")
     group.add_argument("--dtype", "-d", choices=("fp32", "bf16"), default=None,
-                       help="compute precision (default: bf16 for unet3d, fp32 for vnet)")
-    group.add_argument("--bf16_config_path", default=DEFAULT_BF16_CONFIG,
-                       help="mixed-precision config for bf16 (default: bf16_config/unet.json)")
+                       help="compute precision (default for unet3d: bf16 where the device runs it "
+                            "natively: Habana cards, NVIDIA GPUs of compute capability 8.0 or "
+                            "higher, CPUs with AVX512_BF16 or AMX; fp32 elsewhere, with a notice "
+                            "of the choice. vnet: fp32). bf16 asked for on other devices runs "
+                            "emulated, much slower, after a warning")
+    group.add_argument("--bf16_config_path", default=None,
+                       help="op lists of Habana's bf16 conversion, used with bf16 on HPU "
+                            "(default: bf16_config/unet.json)")
     group.add_argument("--use_amp", "--amp", dest="use_amp", action="store_true",
-                       help="float16 automatic mixed precision with loss scaling (GPU)")
+                       help="float16 automatic mixed precision with loss scaling, for GPUs; on a "
+                            "CPU without AVX512_FP16 or AMX-FP16 it is emulated (a warning says so)")
     xla = group.add_mutually_exclusive_group()
     xla.add_argument("--use_xla", "--xla", dest="use_xla", action="store_true", default=None,
                      help="compile the steps with XLA (default: on when a GPU is visible, off "
@@ -201,7 +207,11 @@ def _add_precision_flags(parser):
                           "HPUs run without it; always on with --backend jax)")
     xla.add_argument("--no_xla", dest="use_xla", action="store_false",
                      help="do not compile with XLA")
-    group.add_argument("--no_hpu", action="store_true", help="do not load the Habana modules")
+    group.add_argument("--no_hpu", action="store_true",
+                       help="do not look for a Habana Gaudi card. Without this flag the HPU is used "
+                            "when the package habana_frameworks.tensorflow imports (Habana's "
+                            "containers install it); otherwise the run stays on CPU/GPU, and says "
+                            "so when --bf16_config_path was given or at --tf_verbosity 0 or 1")
     group.add_argument("--use_horovod", action="store_true",
                        help="data-parallel training with Horovod (must be installed)")
     # Accepted for compatibility with the reference launch scripts; they change nothing.
@@ -251,7 +261,9 @@ def check_args(parser, args):
                      f"({len(args.downscale_blocks)}), got {len(args.upscale_blocks)}")
     if args.data_dir is not None and not os.path.isdir(args.data_dir):
         parser.error(f"argument --data_dir: {args.data_dir} is not a folder")
-    if args.bf16_config_path and args.dtype == "bf16" and not os.path.isfile(args.bf16_config_path):
+    args.bf16_config_explicit = args.bf16_config_path is not None
+    args.bf16_config_path = args.bf16_config_path or DEFAULT_BF16_CONFIG
+    if args.bf16_config_explicit and not os.path.isfile(args.bf16_config_path):
         parser.error(f"argument --bf16_config_path: {args.bf16_config_path} does not exist")
     return args
 

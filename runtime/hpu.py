@@ -1,17 +1,19 @@
 """Habana Gaudi (HPU) support: load the Habana module, prefetch to the HPU, Habana's instance norm.
 
 Unless `--no_hpu`, the tool looks for `habana_frameworks.tensorflow`. When it is there:
-- with `--dtype bf16`, TF_BF16_CONVERSION points at `--bf16_config_path`, so that the Habana
-  bridge converts the graph to bf16 by its op lists (set before the module loads);
+- with `--dtype bf16` (the default on HPU), TF_BF16_CONVERSION points at `--bf16_config_path`, so
+  that the Habana bridge converts the graph to bf16 by its op lists (set before the module loads);
 - the module is loaded, which registers the HPU device;
 - every pipeline prefetches onto that device, and `instancenorm` uses Habana's fused op.
-Without it the tool runs on CPU or GPU after a one-line notice.
+Without it the tool runs on CPU or GPU; it says so in one line only where that may surprise:
+when `--bf16_config_path` was given, or at `--tf_verbosity` 0 or 1.
 """
 import importlib
 import json
 import os
 
 from common.errors import UserError
+from runtime.precision import Device, choose_dtype
 
 HPU_DEVICE = "/device:HPU:0"
 BF16_KEYS = ("allowlist", "conditional_list", "strict_conditional_list", "non_convertible_exceptions",
@@ -41,16 +43,22 @@ def check_bf16_config(path):
 
 
 def setup_hpu(args):
-    """An Hpu when Habana software is present and wanted, else None (with a notice when absent)."""
+    """An Hpu when Habana software is present and wanted, else None.
+
+    On the HPU a dtype left to the tool is bf16. Without Habana software a one-line notice says
+    so when the run asked for Habana things (`--bf16_config_path`) or at `--tf_verbosity` 0 or 1.
+    """
     if args.no_hpu:
         return None
     try:
         habana = importlib.import_module("habana_frameworks.tensorflow")
     except ImportError:
-        print("no Habana software found (habana_frameworks): running on CPU/GPU; --no_hpu skips "
-              "this check", flush=True)
+        if args.bf16_config_explicit or args.tf_verbosity in (0, 1):
+            print("no Habana software found (habana_frameworks.tensorflow): running on CPU/GPU; "
+                  "--no_hpu skips this check", flush=True)
         return None
-    if args.dtype == "bf16":  # the config was checked by runtime.run.configure
+    if choose_dtype(args, Device("hpu")) == "bf16" and not args.use_amp:
+        check_bf16_config(args.bf16_config_path)
         os.environ["TF_BF16_CONVERSION"] = os.path.abspath(args.bf16_config_path)
     habana.load_habana_module()
     norm = importlib.import_module("habana_frameworks.tensorflow.ops.instance_norm")

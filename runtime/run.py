@@ -31,17 +31,15 @@ def writable_dir(path, flag):
 
 
 def configure(args):
-    """Habana, seeds, determinism, precision policy and XLA choice.
+    """Habana, seeds, determinism and XLA choice (the precision comes with the cluster, in `run`).
 
-    On HPU the Habana bridge converts to bf16 itself (TF_BF16_CONVERSION), so Keras keeps float32;
-    elsewhere bf16 is Keras' mixed_bfloat16 policy and --use_amp its mixed_float16 one (with loss
-    scaling). XLA defaults to on when a GPU is visible, off on CPU (ten times slower there) and HPU.
+    XLA defaults to on when a GPU is visible, off on CPU (ten times slower there) and HPU.
     With the JAX backend, TensorFlow is imported only for tf.data inputs (then without GPUs), and
     XLA is always on. Returns (tensorflow or None, Hpu or None).
     """
-    from runtime.hpu import check_bf16_config, setup_hpu
     from common.quiet_import import import_tensorflow
-    if args.dtype == "bf16" and not args.use_amp:
+    from runtime.hpu import check_bf16_config, setup_hpu
+    if args.bf16_config_explicit:
         check_bf16_config(args.bf16_config_path)
     hpu = setup_hpu(args) if args.backend == "tensorflow" else None
     tf = None
@@ -49,8 +47,6 @@ def configure(args):
         tf = import_tensorflow(args.tf_verbosity)
         if args.backend == "jax":  # tf.data only: the GPUs are JAX's
             tf.config.set_visible_devices([], "GPU")
-    import keras
-
     if args.seed is not None:
         random.seed(args.seed)
         np.random.seed(args.seed)
@@ -58,13 +54,6 @@ def configure(args):
             tf.random.set_seed(args.seed)
         if args.backend == "tensorflow":
             tf.config.experimental.enable_op_determinism()
-    if args.use_amp:
-        policy = "mixed_float16"
-    elif args.dtype == "bf16" and hpu is None:
-        policy = "mixed_bfloat16"
-    else:
-        policy = "float32"
-    keras.mixed_precision.set_dtype_policy(policy)
     if args.backend == "jax":
         args.use_xla = True
     elif args.use_xla is None:
@@ -153,8 +142,13 @@ def build(args, task, data, cluster):
 def run(args):
     """Run the modes `args.exec_mode` asks for; returns a dict of what each produced."""
     from runtime.cluster import make_cluster
+    from runtime.precision import choose_dtype, local_device, set_policy
     tf, hpu = configure(args)
     cluster = make_cluster(args, tf)
+    # bf16 where the device runs it natively; on HPU the Habana bridge converts to bf16 itself
+    # (TF_BF16_CONVERSION), so Keras keeps float32 there.
+    choose_dtype(args, local_device(args.backend, tf, hpu))
+    set_policy(args, hpu)
     writes = worker_dirs(args, cluster)
     if writes:
         writable_dir(args.model_dir, "--model_dir")

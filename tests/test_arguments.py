@@ -34,7 +34,7 @@ def test_help_lists_every_flag():
 def test_defaults_match_spec():
     args = parse_args([])
     assert args.exec_mode == "train_and_evaluate"
-    assert args.batch_size == 2 and args.dtype == "bf16" and args.fold == 0 and args.num_folds == 5
+    assert args.batch_size == 2 and args.dtype is None and args.fold == 0  # None: by device and args.num_folds == 5
     assert args.max_steps == 16000 and args.seed is None and args.log_every == 100
     assert args.learning_rate == 0.0002 and args.loss == "dice+ce"
     assert args.normalization == "instancenorm" and args.include_background is False

@@ -18,8 +18,9 @@ from model.losses import dice_ce_loss, eval_dice_per_sample
 from model.unet3d import build_unet3d
 from runtime.arguments import parse_args
 from runtime.hpu import HPU_DEVICE, setup_hpu
+from runtime.precision import Device, choose_dtype, cpu_flags
 from runtime.tasks import make_task
-from tests.conftest import phantom_records
+from tests.conftest import assert_one_line_error, phantom_records, run_cli
 
 
 @pytest.fixture
@@ -169,10 +170,13 @@ def test_habana_wiring_with_fp32_and_no_hpu(habana, records):
     assert "habana_frameworks.tensorflow" not in sys.modules  # not even imported
 
 
-def test_without_habana_software_a_notice_not_an_error(records, capsys):
+def test_without_habana_software_a_notice_only_where_it_matters(records, capsys):
     assert setup_hpu(parse_args(["--data_dir", records, "--num_folds", "3"])) is None
-    out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and "no Habana software found" in out[0]
+    assert capsys.readouterr().out == ""  # a plain CPU/GPU run: no Habana noise
+    for extra in (["--bf16_config_path", parse_args([]).bf16_config_path], ["--tf_verbosity", "1"]):
+        assert setup_hpu(parse_args(["--data_dir", records, "--num_folds", "3", *extra])) is None
+        out = capsys.readouterr().out.strip().splitlines()
+        assert len(out) == 1 and "no Habana software found" in out[0]
     data = BratsData(records, 1, num_folds=3)
     assert copy_targets(data.train_dataset()) == []
 
@@ -185,3 +189,58 @@ def test_a_malformed_bf16_config_is_a_one_line_error(records, tmp_path, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(bad) in err[0] and "not valid JSON" in err[0]
+
+
+AVX2 = Device("cpu", {"fpu", "sse4_2", "avx", "avx2", "fma"})
+AVX512_BF16 = Device("cpu", {"avx2", "avx512f", "avx512_bf16"})
+
+
+def choose(argv, device, capsys):
+    """(dtype chosen, stdout lines, stderr lines) of choose_dtype for a command line on `device`."""
+    args = parse_args(argv)
+    dtype = choose_dtype(args, device)
+    captured = capsys.readouterr()
+    return dtype, captured.out.strip().splitlines(), captured.err.strip().splitlines()
+
+
+def test_default_dtype_is_bf16_only_where_the_device_runs_it_natively(capsys):
+    for device, expected in ((AVX2, "fp32"), (AVX512_BF16, "bf16"), (Device("cpu", {"amx_bf16"}), "bf16"),
+                             (Device("gpu", capability=(9, 0)), "bf16"),
+                             (Device("gpu", capability=(7, 0)), "fp32"), (Device("hpu"), "bf16")):
+        dtype, out, err = choose([], device, capsys)
+        assert dtype == expected and err == []
+        assert len(out) == 1 and out[0].startswith(f"--dtype {expected} chosen: ")
+    _, (notice,), _ = choose([], AVX2, capsys)
+    assert "no native bf16" in notice and "--dtype bf16 forces it" in notice
+    assert choose(["--model", "vnet"], AVX512_BF16, capsys) == ("fp32", [], [])  # V-Net: fp32
+
+
+def test_explicit_bf16_or_amp_without_native_support_runs_after_one_warning(capsys):
+    dtype, out, err = choose(["--dtype", "bf16"], AVX2, capsys)
+    assert dtype == "bf16" and out == []
+    assert len(err) == 1 and err[0].startswith("warning: --dtype bf16: this CPU has no native bf16")
+    assert choose(["--dtype", "bf16"], AVX512_BF16, capsys) == ("bf16", [], [])
+    assert choose(["--dtype", "fp32"], AVX2, capsys) == ("fp32", [], [])
+    _, _, err = choose(["--use_amp"], AVX2, capsys)
+    assert len(err) == 1 and err[0].startswith("warning: --use_amp: this CPU has no native fp16")
+    assert choose(["--use_amp"], Device("gpu", capability=(7, 0)), capsys)[2] == []
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
+    assert cpu_flags(str(x86)) == {"fpu", "avx2", "avx512_bf16"}
+    assert Device("cpu", cpu_flags(str(arm))).native("bf16")[0]
+    assert cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+def test_the_run_says_which_dtype_it_chose(records, tmp_path):
+    result = run_cli("--data_dir", records, "--num_folds", "3", "--exec_mode", "evaluate",
+                     "--model_dir", str(tmp_path / "m"), "--log_dir", str(tmp_path / "l"))
+    native = Device("cpu", cpu_flags()).native("bf16")[0]  # the CPU this test runs on
+    chosen = [line for line in result.stdout.splitlines() if "chosen:" in line]
+    assert chosen == [line for line in chosen if line.startswith(f"--dtype {'bf16' if native else 'fp32'} ")]
+    assert len(chosen) == 1
+    assert_one_line_error(result, "no checkpoint")  # the notice went to stdout, not stderr

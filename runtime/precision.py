@@ -1,0 +1,107 @@
+"""The compute precision: bf16 where the device runs it natively, fp32 elsewhere.
+
+bf16 is native on Habana cards, on NVIDIA GPUs of compute capability 8.0 or higher and on CPUs
+with AVX512_BF16 or AMX (x86) or the BF16 extension (Arm). Elsewhere it is emulated: on an
+AVX2-only CPU a bf16 UNet3D step takes many times longer than an fp32 one. The same holds for
+float16 (`--use_amp`) on CPUs without AVX512_FP16 or AMX-FP16.
+"""
+import sys
+
+CPU_FLAGS = {"bf16": ({"avx512_bf16", "amx_bf16", "bf16"}, "AVX512_BF16, AMX or Arm's BF16"),
+             "fp16": ({"avx512_fp16", "amx_fp16"}, "AVX512_FP16 or AMX-FP16")}
+
+
+class Device:
+    """What the run computes on: `kind` ('cpu', 'gpu', 'hpu' or 'tpu'), with the CPU's feature
+    flags or the GPU's compute capability (major, minor)."""
+
+    def __init__(self, kind, cpu_flags=frozenset(), capability=None):
+        self.kind, self.cpu_flags, self.capability = kind, frozenset(cpu_flags), capability
+
+    def native(self, precision):
+        """(native, why): whether the device computes `precision` ('bf16' or 'fp16') in hardware."""
+        if self.kind in ("hpu", "tpu"):
+            return precision == "bf16", f"{self.kind.upper()}s compute bf16 natively"
+        if self.kind == "gpu":
+            major, minor = self.capability
+            if precision == "fp16" or major >= 8:
+                return True, f"this NVIDIA GPU (compute capability {major}.{minor}) runs it natively"
+            return False, (f"this NVIDIA GPU (compute capability {major}.{minor}) has no native "
+                           "bf16 (8.0 or higher has)")
+        wanted, names = CPU_FLAGS[precision]
+        found = sorted(self.cpu_flags & wanted)
+        if found:
+            return True, f"this CPU has {found[0].upper()}"
+        return False, f"this CPU has no native {precision} ({names})"
+
+
+def cpu_flags(cpuinfo="/proc/cpuinfo"):
+    """The CPU's feature flags from /proc/cpuinfo (x86 'flags', Arm 'Features'); empty elsewhere."""
+    try:
+        with open(cpuinfo) as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def local_device(backend, tf=None, hpu=None):
+    """The Device this process computes on (call after the cluster is set up: on JAX it starts
+    the backend)."""
+    if hpu is not None:
+        return Device("hpu")
+    if backend == "jax":
+        import jax
+        device = jax.local_devices()[0]
+        if device.platform == "gpu":
+            major, _, minor = str(getattr(device, "compute_capability", "0.0")).partition(".")
+            return Device("gpu", capability=(int(major), int(minor or 0)))
+        if device.platform == "tpu":
+            return Device("tpu")
+        return Device("cpu", cpu_flags())
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        capability = min(tf.config.experimental.get_device_details(gpu).get("compute_capability", (0, 0))
+                         for gpu in gpus)
+        return Device("gpu", capability=tuple(capability))
+    return Device("cpu", cpu_flags())
+
+
+def choose_dtype(args, device):
+    """Fill in `args.dtype` when it was left to the tool, with a one-line notice of the choice and
+    why (stdout); warn once (stderr) when an explicit bf16 or `--use_amp` will be emulated.
+    Returns args.dtype."""
+    if args.use_amp:
+        native, why = device.native("fp16")
+        if not native:
+            print(f"warning: --use_amp: {why}: float16 is emulated and much slower than fp32 here; "
+                  "leave out --use_amp", file=sys.stderr, flush=True)
+        args.dtype = args.dtype or "fp32"
+        return args.dtype
+    native, why = device.native("bf16")
+    if args.dtype is None:
+        args.dtype = "bf16" if native else "fp32"
+        other = ("--dtype fp32 for full precision" if native
+                 else "--dtype bf16 forces it, emulated and much slower")
+        print(f"--dtype {args.dtype} chosen: {why}; {other}", flush=True)
+    elif args.dtype == "bf16" and not native:
+        print(f"warning: --dtype bf16: {why}: bf16 is emulated and much slower than --dtype fp32 "
+              "here", file=sys.stderr, flush=True)
+    return args.dtype
+
+
+def set_policy(args, hpu=None):
+    """Keras' dtype policy for args.dtype: mixed_float16 with --use_amp, mixed_bfloat16 for bf16
+    (but float32 on HPU, where Habana's bridge converts the graph itself), else float32."""
+    import keras
+    if args.use_amp:
+        policy = "mixed_float16"
+    elif args.dtype == "bf16" and hpu is None:
+        policy = "mixed_bfloat16"
+    else:
+        policy = "float32"
+    keras.mixed_precision.set_dtype_policy(policy)
+    return policy
