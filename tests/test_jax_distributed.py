@@ -25,11 +25,11 @@ def jax_env(tmp_path_factory):
             "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache"))}
 
 
-def jax_flags(records, out, max_steps=8, *extra):
+def jax_flags(records, out, max_steps=8, *extra, mode="train"):
     """Batch 1 per device: with two devices in all, max_steps 8 is 4 steps of a global batch of 2."""
     return ["main.py", "--data_dir", records, "--model_dir", str(out / "model"), "--log_dir",
             str(out / "logs"), "--batch_size", "1", "-d", "fp32", "--num_folds", "3", "--seed", "3",
-            "--log_every", "1", "--no-augment", "--exec_mode", "train", "--max_steps", str(max_steps),
+            "--log_every", "1", "--no-augment", "--exec_mode", mode, "--max_steps", str(max_steps),
             *extra]
 
 
@@ -67,19 +67,25 @@ def assert_same_as_two_devices(out, two_devices):
     assert [e["step"] for e in logs if e["type"] == "train"] == [1, 2, 3, 4]
 
 
-def test_two_processes_under_mpirun(same_volume_records, jax_env, two_devices, tmp_path):
+def test_two_processes_under_mpirun_stopped_and_resumed(same_volume_records, jax_env, two_devices,
+                                                       tmp_path):
+    # 2 steps, then 2 more with --resume_training: process 0 broadcasts its checkpoint (step 2,
+    # weights and Adam's state), and the 4 steps end where 4 uninterrupted ones do.
     env = {**jax_env, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-    result = subprocess.run([MPIRUN, "-np", "2", "--oversubscribe", sys.executable,
-                             *jax_flags(same_volume_records, tmp_path, 8, "--log_all_workers")],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    for max_steps, extra in ((4, ()), (8, ("--resume_training",))):
+        result = subprocess.run([MPIRUN, "-np", "2", "--oversubscribe", sys.executable,
+                                 *jax_flags(same_volume_records, tmp_path, max_steps,
+                                            "--log_all_workers", *extra)],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from the checkpoint of process 0 at step 2" in result.stdout
     assert_same_as_two_devices(tmp_path, two_devices)
 
 
-def launch(env, records, out, max_steps, *extra):
+def launch(env, records, out, max_steps, *extra, mode="train"):
     """Two background processes joined by the coordinator flags, process 0 first."""
     (port,) = free_ports(1)
-    return [subprocess.Popen([sys.executable, *jax_flags(records, out, max_steps, *extra),
+    return [subprocess.Popen([sys.executable, *jax_flags(records, out, max_steps, *extra, mode=mode),
                               "--coordinator_address", f"localhost:{port}", "--num_processes", "2",
                               "--process_id", str(index)],
                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -88,12 +94,17 @@ def launch(env, records, out, max_steps, *extra):
 
 
 def test_two_processes_with_the_coordinator_flags(same_volume_records, jax_env, two_devices, tmp_path):
-    # A checkpoint at step 2 as well: process 0 saves alone while process 1 trains on.
-    procs = launch(jax_env, same_volume_records, tmp_path, 8, "--log_all_workers", "--ckpt_every", "2")
+    # A checkpoint at step 2 as well: process 0 saves alone while process 1 trains on; at the end
+    # process 0 alone evaluates, on its own device, while process 1 waits for it.
+    procs = launch(jax_env, same_volume_records, tmp_path, 8, "--log_all_workers", "--ckpt_every", "2",
+                   mode="train_and_evaluate")
     for proc in procs:
         _, stderr = proc.communicate(timeout=600)
         assert proc.returncode == 0, stderr[-3000:]
     assert_same_as_two_devices(tmp_path, two_devices)
+    for worker, evaluations in ((0, 1), (1, 0)):
+        log = [json.loads(line) for line in open(tmp_path / "logs" / f"worker_{worker}" / "log.json")]
+        assert len([e for e in log if e["type"] == "eval"]) == evaluations
 
 
 def test_a_dead_process_stops_the_other_with_one_line(same_volume_records, jax_env, tmp_path):
