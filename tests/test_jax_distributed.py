@@ -12,7 +12,7 @@ import pytest
 
 from runtime import checkpoint
 from runtime.cluster import JAX_HEARTBEAT_TIMEOUT_S
-from tests.conftest import ROOT, free_ports
+from tests.conftest import ROOT, assert_one_line_error, free_ports, run_cli
 
 MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
 
@@ -53,7 +53,7 @@ def two_devices(same_volume_records, jax_env, tmp_path_factory):
 
 def assert_same_as_two_devices(out, two_devices):
     """Both processes hold the same weights (bit for bit), those of one process with two devices
-    (to 1e-5), after 4 steps; process 0 logged every step."""
+    (to 1e-5), after 4 steps."""
     step0, w0 = weights(out / "model" / "worker_0")
     step1, w1 = weights(out / "model" / "worker_1")
     step, reference = two_devices
@@ -63,23 +63,20 @@ def assert_same_as_two_devices(out, two_devices):
     assert len(w0) == len(reference)
     for a, b in zip(w0, reference):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
-    logs = [json.loads(line) for line in open(out / "logs" / "worker_0" / "log.json")]
-    assert [e["step"] for e in logs if e["type"] == "train"] == [1, 2, 3, 4]
 
 
-def test_two_processes_under_mpirun_stopped_and_resumed(same_volume_records, jax_env, two_devices,
-                                                       tmp_path):
-    # 2 steps, then 2 more with --resume_training: process 0 broadcasts its checkpoint (step 2,
-    # weights and Adam's state), and the 4 steps end where 4 uninterrupted ones do.
+def log_of(out, worker):
+    return [json.loads(line) for line in open(out / "logs" / f"worker_{worker}" / "log.json")]
+
+
+def test_two_processes_under_mpirun(same_volume_records, jax_env, two_devices, tmp_path):
     env = {**jax_env, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-    for max_steps, extra in ((4, ()), (8, ("--resume_training",))):
-        result = subprocess.run([MPIRUN, "-np", "2", "--oversubscribe", sys.executable,
-                                 *jax_flags(same_volume_records, tmp_path, max_steps,
-                                            "--log_all_workers", *extra)],
-                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-    assert "resuming from the checkpoint of process 0 at step 2" in result.stdout
+    result = subprocess.run([MPIRUN, "-np", "2", "--oversubscribe", sys.executable,
+                             *jax_flags(same_volume_records, tmp_path, 8, "--log_all_workers")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
     assert_same_as_two_devices(tmp_path, two_devices)
+    assert [e["step"] for e in log_of(tmp_path, 0) if e["type"] == "train"] == [1, 2, 3, 4]
 
 
 def launch(env, records, out, max_steps, *extra, mode="train"):
@@ -93,27 +90,18 @@ def launch(env, records, out, max_steps, *extra, mode="train"):
             for index in range(2)]
 
 
-def test_two_processes_with_the_coordinator_flags(same_volume_records, jax_env, two_devices, tmp_path):
-    # A checkpoint at step 2 as well: process 0 saves alone while process 1 trains on; at the end
-    # process 0 alone evaluates, on its own device, while process 1 waits for it.
-    procs = launch(jax_env, same_volume_records, tmp_path, 8, "--log_all_workers", "--ckpt_every", "2",
-                   mode="train_and_evaluate")
-    for proc in procs:
-        _, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, stderr[-3000:]
-    assert_same_as_two_devices(tmp_path, two_devices)
-    for worker, evaluations in ((0, 1), (1, 0)):
-        log = [json.loads(line) for line in open(tmp_path / "logs" / f"worker_{worker}" / "log.json")]
-        assert len([e for e in log if e["type"] == "eval"]) == evaluations
-
-
-def test_a_dead_process_stops_the_other_with_one_line(same_volume_records, jax_env, tmp_path):
-    chief, other = launch(jax_env, same_volume_records, tmp_path, 4000)
-    log = tmp_path / "logs" / "log.json"
+def test_coordinator_flags_a_killed_process_and_a_resume(same_volume_records, jax_env, two_devices,
+                                                         tmp_path):
+    # Two processes with the coordinator flags train with a checkpoint every 2 steps; once
+    # process 0 has saved step 2, process 1 is killed: process 0 stops with one line, at once.
+    chief, other = launch(jax_env, same_volume_records, tmp_path, 4000, "--log_all_workers",
+                          "--ckpt_every", "2")
+    saved = tmp_path / "model" / "worker_0" / "checkpoints" / "ckpt-2.npz"
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not (log.exists() and log.stat().st_size):
-            time.sleep(0.5)  # until process 0 has logged a training step
+        deadline = time.time() + 400
+        while time.time() < deadline and not saved.exists() and chief.poll() is None:
+            time.sleep(0.2)
+        assert saved.exists(), chief.communicate()[1][-3000:]
         other.send_signal(signal.SIGKILL)
         killed = time.time()
         _, stderr = chief.communicate(timeout=JAX_HEARTBEAT_TIMEOUT_S + 60)
@@ -125,3 +113,24 @@ def test_a_dead_process_stops_the_other_with_one_line(same_volume_records, jax_e
     assert "Traceback" not in stderr and "Check failure" not in stderr, stderr
     errors = [line for line in stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and "lost contact with the other workers" in errors[0], stderr
+
+    # Both started again with --resume_training: process 0 broadcasts its checkpoint (weights,
+    # Adam's state, step 2), the two steps to step 4 end where 4 uninterrupted steps of one
+    # process with two devices do, and process 0 alone evaluates while process 1 waits for it.
+    procs = launch(jax_env, same_volume_records, tmp_path, 8, "--log_all_workers", "--resume_training",
+                   mode="train_and_evaluate")
+    outputs = [proc.communicate(timeout=600) for proc in procs]
+    for proc, (_, stderr) in zip(procs, outputs):
+        assert proc.returncode == 0, stderr[-3000:]
+    assert "resuming from the checkpoint of process 0 at step 2" in outputs[1][0]
+    assert_same_as_two_devices(tmp_path, two_devices)
+    assert [e["step"] for e in log_of(tmp_path, 0) if e["type"] == "train"][-2:] == [3, 4]
+    assert [len([e for e in log_of(tmp_path, w) if e["type"] == "eval"]) for w in (0, 1)] == [1, 0]
+
+
+def test_tf_config_with_the_jax_backend_is_a_one_line_error(jax_env, tmp_path):
+    env = {**jax_env, "TF_CONFIG": json.dumps({"cluster": {"worker": ["localhost:1", "localhost:2"]},
+                                               "task": {"type": "worker", "index": 0}})}
+    result = run_cli("--synth_data", "--exec_mode", "train", "--model_dir", str(tmp_path / "m"),
+                     "--log_dir", str(tmp_path / "l"), env=env, timeout=120)
+    assert_one_line_error(result, "TF_CONFIG is set")
