@@ -214,10 +214,66 @@ def _add_precision_flags(parser):
                             "so when --bf16_config_path was given or at --tf_verbosity 0 or 1")
     group.add_argument("--use_horovod", action="store_true",
                        help="data-parallel training with Horovod (must be installed)")
+    _add_jax_process_flags(parser)
     # Accepted for compatibility with the reference launch scripts; they change nothing.
     group.add_argument("--num_workers_per_hls", type=int, default=1, help=argparse.SUPPRESS)
     group.add_argument("--hls_type", default="HLS1", help=argparse.SUPPRESS)
     group.add_argument("--kubernetes_run", default=False, help=argparse.SUPPRESS)
+
+
+JAX_PROCESS_FLAGS = {"coordinator_address": "JAX_COORDINATOR_ADDRESS",
+                     "num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
+
+
+def _add_jax_process_flags(parser):
+    group = parser.add_argument_group(
+        "several JAX processes (--backend jax)",
+        "Under mpirun (Open MPI) or srun (SLURM) JAX finds these itself; elsewhere start every "
+        "process with the same --coordinator_address and --num_processes and its own --process_id.")
+    group.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
+                       help="address of process 0, where jax.distributed's coordinator listens "
+                            "(default: $JAX_COORDINATOR_ADDRESS)")
+    group.add_argument("--num_processes", type=positive_int, default=None,
+                       help="processes in all (default: $JAX_NUM_PROCESSES)")
+    group.add_argument("--process_id", type=non_negative_int, default=None,
+                       help="this process's index, 0 to num_processes - 1; process 0 saves, "
+                            "evaluates, predicts and logs (default: $JAX_PROCESS_ID)")
+
+
+def check_jax_process_flags(parser, args, environ):
+    """The three flags of several JAX processes, filled in from JAX_* variables and checked."""
+    from runtime.cluster import launched_by
+    if args.backend != "jax":
+        for name in JAX_PROCESS_FLAGS:
+            if getattr(args, name) is not None:
+                parser.error(f"argument --{name}: needs --backend jax (TensorFlow workers come from "
+                             "mpirun, srun or TF_CONFIG)")
+        return
+    for name, variable in JAX_PROCESS_FLAGS.items():
+        text = environ.get(variable)
+        if getattr(args, name) is not None or not text:
+            continue
+        if name == "coordinator_address":
+            args.coordinator_address = text
+            continue
+        lowest = 1 if name == "num_processes" else 0
+        if not text.isdigit() or int(text) < lowest:
+            parser.error(f"{variable}={text}: must be an integer of at least {lowest}")
+        setattr(args, name, int(text))
+    address, count, index = args.coordinator_address, args.num_processes, args.process_id
+    if address is not None:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            parser.error(f"argument --coordinator_address: HOST:PORT of process 0, got {address}")
+    if count is not None and index is not None and index >= count:
+        parser.error(f"argument --process_id: must be below --num_processes ({count}), got {index}")
+    if launched_by(environ) in ("mpi", "slurm"):
+        return  # JAX detects what is not given
+    given = [f"--{name}" for name in JAX_PROCESS_FLAGS if getattr(args, name) is not None]
+    if given and len(given) < len(JAX_PROCESS_FLAGS):
+        missing = [f"--{name}" for name in JAX_PROCESS_FLAGS if getattr(args, name) is None]
+        parser.error(f"argument {given[0]}: needs {' and '.join(missing)} too (outside mpirun and "
+                     "srun)")
 
 
 class Parser(argparse.ArgumentParser):
@@ -249,8 +305,9 @@ def check_args(parser, args):
     if args.backend == "jax":
         for flag in ("use_horovod", "use_amp"):
             if getattr(args, flag):
-                parser.error(f"argument --{flag}: needs --backend tensorflow (on jax use --dtype bf16 "
-                             "and the GPUs of one host)")
+                parser.error(f"argument --{flag}: needs --backend tensorflow (on jax use --dtype bf16; "
+                             "several processes join through jax.distributed)")
+    check_jax_process_flags(parser, args, os.environ)
     if args.model == "unet3d" and args.fold >= args.num_folds:
         parser.error(f"argument --fold: must be below --num_folds ({args.num_folds}), "
                      f"got {args.fold}")

@@ -71,25 +71,41 @@ def save(model_dir, step, model, optimizer=None):
     return final
 
 
-def restore(path, model, optimizer=None):
-    """Load a checkpoint into `model` (and `optimizer`, built here if needed); returns its step."""
-    if optimizer is not None and not optimizer.built:
-        optimizer.build(model.trainable_variables)
+def load(path):
+    """The arrays of a checkpoint file, in variable order, and its step."""
     try:
         with np.load(path) as data:
             arrays = {key: data[key] for key in data.files}
     except (OSError, ValueError, zipfile.BadZipFile) as err:
         raise UserError(f"{path}: unreadable checkpoint ({err}); remove it to fall back on an "
                         "older one or train again") from None
-    variables = _variables(model, optimizer)  # the model's come first, so they load alone too
-    stored = len(arrays) - 1
-    if stored < len(variables):
-        raise UserError(f"{path}: holds {stored} arrays, the model needs {len(variables)}; it was "
-                        "written for another network or flags (--normalization?)")
+    step = int(arrays.pop("step"))
+    return [arrays[key] for key in sorted(arrays)], step
+
+
+def variables_of(model, optimizer=None):
+    """The variables a checkpoint holds, in its order; builds `optimizer` if needed."""
+    if optimizer is not None and not optimizer.built:
+        optimizer.build(model.trainable_variables)
+    return _variables(model, optimizer)  # the model's come first, so they load alone too
+
+
+def check(arrays, path, variables):
+    """A UserError unless `arrays` (from the checkpoint at `path`) fit `variables`."""
+    if len(arrays) < len(variables):
+        raise UserError(f"{path}: holds {len(arrays)} arrays, the model needs {len(variables)}; it "
+                        "was written for another network or flags (--normalization?)")
     for i, variable in enumerate(variables):
-        value = arrays[f"v{i:05d}"]
-        if tuple(value.shape) != tuple(variable.shape):
-            raise UserError(f"{path}: array {i} has shape {value.shape}, the model expects "
+        if tuple(arrays[i].shape) != tuple(variable.shape):
+            raise UserError(f"{path}: array {i} has shape {arrays[i].shape}, the model expects "
                             f"{tuple(variable.shape)}; it was written for another network or flags")
+
+
+def restore(path, model, optimizer=None):
+    """Load a checkpoint into `model` (and `optimizer`, built here if needed); returns its step."""
+    variables = variables_of(model, optimizer)
+    arrays, step = load(path)
+    check(arrays, path, variables)
+    for variable, value in zip(variables, arrays):
         variable.assign(value)
-    return int(arrays["step"])
+    return step

@@ -1,4 +1,4 @@
-"""Who the workers are and how they share gradients: tf.distribute or Horovod.
+"""Who the workers are and how they share gradients: tf.distribute, Horovod or jax.distributed.
 
 - TF_CONFIG (Kubernetes TFJob, or set by hand): MultiWorkerMirroredStrategy over its workers.
 - An Open MPI launch (`mpirun -np N python main.py ...`): each rank picks a free port, mpi4py
@@ -6,28 +6,52 @@
 - A SLURM step of several tasks (`srun`): MultiWorkerMirroredStrategy from SLURM's variables.
 - One process with several GPUs: MirroredStrategy. Otherwise the default (one device).
 - `--use_horovod`: Horovod's rank and size, variables broadcast from rank 0, gradients all-reduced.
+- `--backend jax`: one process over its local devices; several processes (mpirun, srun, or
+  `--coordinator_address`, `--num_processes`, `--process_id`) join through `jax.distributed`, and
+  its global device list carries Keras' DataParallel layout. On CPU the processes' collectives
+  run on gloo (JAX's default CPU collectives).
 """
 import contextlib
 import json
 import os
 import socket
+import sys
 
 from common.errors import UserError
 
 COLLECTIVE_TIMEOUT_S = 120
 SLURM_PORT = 8888
+# jax.distributed: a process whose heartbeats stop for this long counts as dead, and JAX ends
+# every other process; processes other than 0 wait at exit (up to the shutdown timeout) for
+# process 0 to finish evaluating and predicting.
+JAX_HEARTBEAT_TIMEOUT_S = 60
+JAX_INIT_TIMEOUT_S = 300
+JAX_SHUTDOWN_TIMEOUT_S = 24 * 3600
+# Signs of a lost peer in a JAX runtime error: gloo's TCP pairs (CPU), NCCL, the coordinator.
+JAX_LOST_SIGNS = ("Gloo", "gloo", "Connection reset", "Connection closed", "NCCL", "UNAVAILABLE",
+                  "heartbeat")
 
 
 class Cluster:
     """The worker's place: `worker_id`, `num_workers` (input pipelines), `num_replicas` (devices in
-    all), the tf.distribute `strategy`, and `horovod` (the module, with --use_horovod)."""
+    all), `local_replicas` (the devices one JAX process feeds), the tf.distribute `strategy`,
+    `horovod` (the module, with --use_horovod), and `broadcasts`: several JAX processes, which
+    take process 0's checkpoint through `broadcast`."""
 
     def __init__(self, strategy, worker_id=0, num_workers=1, horovod=None, num_replicas=None,
-                 lost_errors=()):
+                 lost_errors=(), local_replicas=1, lost_signs=(), broadcasts=False):
         self.strategy, self.horovod = strategy, horovod
         self.worker_id, self.num_workers = worker_id, num_workers
         self.num_replicas = num_replicas or (num_workers if horovod else strategy.num_replicas_in_sync)
-        self.lost_errors = lost_errors
+        self.local_replicas = local_replicas
+        self.lost_errors, self.lost_signs = lost_errors, lost_signs
+        self.broadcasts = broadcasts
+
+    @staticmethod
+    def broadcast(arrays):
+        """Process 0's value of `arrays` (NumPy arrays, a list of them), on every JAX process."""
+        from jax.experimental import multihost_utils
+        return multihost_utils.broadcast_one_to_all(arrays)
 
     @property
     def is_chief(self):
@@ -40,7 +64,10 @@ class Cluster:
         try:
             yield
         except self.lost_errors as err:
-            lines = [line.strip() for line in (err.message or "").splitlines() if line.strip()]
+            text = getattr(err, "message", None) or str(err)
+            if self.lost_signs and not any(sign in text for sign in self.lost_signs):
+                raise
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
             reason = next((line for line in lines if "aborted" in line.lower()), lines[0] if lines else "")
             raise UserError(f"worker {self.worker_id} of {self.num_workers}: lost contact with the "
                             f"other workers ({reason}); stopping. Restart every worker with "
@@ -87,18 +114,80 @@ def launched_by(environ):
     return None
 
 
-def make_cluster(args, tf):
-    """The Cluster of this process; must run before TensorFlow touches a device.
+def start_jax_distributed(args, how):
+    """Join the other processes through jax.distributed, before JAX touches a device.
 
-    With the JAX backend: one process over its local devices (`tf` may be None).
+    The explicit flags (or JAX_* variables) win; what they leave unset JAX detects itself under
+    Open MPI and SLURM. Open MPI 5 no longer sets the variable JAX's own Open MPI detection reads,
+    so there JAX's mpi4py detection is asked for.
+    """
+    import jax
+    detection = None
+    if how == "mpi" and "OMPI_MCA_orte_hnp_uri" not in os.environ:
+        try:
+            import mpi4py  # noqa: F401  (JAX's detection imports it again)
+        except ImportError:
+            raise UserError("launched by mpirun but mpi4py is not installed: pip install mpi4py, "
+                            "or launch with --coordinator_address, --num_processes and "
+                            "--process_id") from None
+        detection = "mpi4py"
+    try:
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+            process_id=args.process_id, cluster_detection_method=detection,
+            initialization_timeout=JAX_INIT_TIMEOUT_S,
+            heartbeat_timeout_seconds=JAX_HEARTBEAT_TIMEOUT_S,
+            shutdown_timeout_seconds=JAX_SHUTDOWN_TIMEOUT_S)
+    except (ValueError, jax.errors.JaxRuntimeError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        where = args.coordinator_address or "the address JAX detected"
+        raise UserError(f"jax.distributed: could not join the other processes at {where} ({reason}); "
+                        f"start every process within {JAX_INIT_TIMEOUT_S} s, with the same "
+                        "--coordinator_address and --num_processes and its own --process_id "
+                        "when not under mpirun or srun") from None
+
+
+def make_jax_cluster(args, how):
+    """One process over its local devices, or one of several joined through jax.distributed."""
+    if how == "tf_config":
+        raise UserError("TF_CONFIG is set: it describes TensorFlow workers; with --backend jax "
+                        "launch with mpirun, srun or --coordinator_address, --num_processes and "
+                        "--process_id (or unset TF_CONFIG)")
+    if how is not None or args.coordinator_address:
+        start_jax_distributed(args, how)
+    import jax
+    several = jax.process_count() > 1
+    return Cluster(None, jax.process_index(), jax.process_count(), num_replicas=jax.device_count(),
+                   local_replicas=jax.local_device_count(),
+                   lost_errors=(jax.errors.JaxRuntimeError,) if several else (),
+                   lost_signs=JAX_LOST_SIGNS, broadcasts=several)
+
+
+def end_now_if_distributed(code, message=None):
+    """In a failed run of several JAX processes, write `message` to stderr and end this process
+    at once with `code`; otherwise return `code`.
+
+    JAX's shutdown at exit waits for every other process, which may be waiting in a collective
+    for this one: ending at once closes this process's connections, so the others stop too.
+    """
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.distributed.is_initialized() and jax.process_count() > 1:
+        if message:
+            sys.stderr.write(message)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def make_cluster(args, tf):
+    """The Cluster of this process; must run before TensorFlow or JAX touches a device.
+
+    With the JAX backend `tf` may be None.
     """
     how = launched_by(os.environ)
     if args.backend == "jax":
-        if how is not None:
-            raise UserError(f"launched as one of several workers ({how}): multi-worker runs need "
-                            "--backend tensorflow; the JAX backend uses every GPU of one host")
-        import jax
-        return Cluster(None, num_replicas=jax.local_device_count())
+        return make_jax_cluster(args, how)
 
     if args.use_horovod:
         hvd = import_horovod()

@@ -4,6 +4,10 @@ The model's and optimizer's variables live as a tuple of JAX arrays while traini
 each step, so updated in place) and are written back into the Keras variables by `commit()`:
 before a checkpoint, at the end of training. With several devices the batch is split over them
 (Keras' DataParallel layout); the variables are replicated and XLA all-reduces the gradients.
+With several processes (jax.distributed) the layout spans every process's devices: each process
+passes its own part of the global batch, and every training step is a step of all processes.
+Evaluation and prediction run on this process's devices alone, on local copies of the replicated
+variables, so that process 0 evaluates and predicts while the others have finished.
 Training batches are copied to the devices by a background thread, ahead of the step that uses
 them, so the copy overlaps the previous step.
 """
@@ -60,7 +64,10 @@ class JaxEngine:
         self.model, self.optimizer = model, optimizer
         self.loss_fn, self.metrics_fn = loss_fn, metrics_fn
         self.distribution = distribution
-        self.state = None
+        self.state, self._local_state = None, None
+        local_mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("batch",))
+        self._local_split = jax.sharding.NamedSharding(local_mesh, jax.sharding.PartitionSpec("batch"))
+        self._local_copy = jax.sharding.NamedSharding(local_mesh, jax.sharding.PartitionSpec())
         self._train = jax.jit(self._train_step, donate_argnums=0)
         self._eval = jax.jit(self._eval_step)
         self._predict = jax.jit(self._predict_step)
@@ -106,29 +113,46 @@ class JaxEngine:
         for group, values in zip(variables, self.state):
             for variable, value in zip(group, values):
                 variable.assign(value)
-        self.state = None
+        self.state, self._local_state = None, None
+
+    def _inference_state(self):
+        """The state for evaluation and prediction: with several processes, a copy of the
+        (replicated) variables on this process's devices, so that no other process takes part."""
+        state = self._current_state()
+        if jax.process_count() == 1:
+            return state
+        if self._local_state is None:
+            local = lambda values: [jax.device_put(v.addressable_data(0), self._local_copy)  # noqa: E731
+                                    for v in values]
+            self._local_state = (local(state[0]), local(state[1]), [])
+        return self._local_state
 
     def _inputs(self, *arrays):
-        """Batches as device arrays (split over the devices with a data-parallel layout); arrays
-        already on the devices pass unchanged."""
+        """Training batches as device arrays: this process's batch is its part of the global
+        batch, split over the devices with a data-parallel layout; arrays already on the devices
+        pass unchanged."""
         def place(a):
             if isinstance(a, jax.Array):
                 return a
             a = np.asarray(a)
             if self.distribution is None:
                 return jax.device_put(a)
-            return jax.device_put(a, self.distribution.get_data_layout(a.shape).backend_layout)
+            layout = self.distribution.get_data_layout(a.shape).backend_layout
+            return jax.make_array_from_process_local_data(layout, a)
         return [place(a) for a in arrays]
 
     def _whole_inputs(self, *arrays):
-        """(device arrays, batch size): an evaluation or prediction batch, its last example repeated
-        up to a multiple of the device count so that the batch splits evenly over the devices."""
+        """(device arrays, batch size): an evaluation or prediction batch on this process's
+        devices, its last example repeated up to a multiple of their count so that the batch
+        splits evenly over them."""
         arrays = [np.asarray(a) for a in arrays]
         n = len(arrays[0])
-        extra = -n % (self.distribution.device_mesh.devices.size if self.distribution else 1)
+        extra = -n % jax.local_device_count()
         if extra:
             arrays = [np.concatenate([a, np.repeat(a[-1:], extra, axis=0)]) for a in arrays]
-        return self._inputs(*arrays), n
+        if jax.local_device_count() == 1:
+            return [jax.device_put(a) for a in arrays], n
+        return [jax.device_put(a, self._local_split) for a in arrays], n
 
     # ---- the engine interface --------------------------------------------------------------------
     def distribute(self, make_dataset):
@@ -141,18 +165,19 @@ class JaxEngine:
     def train_step(self, x, y):
         """One optimizer step on a batch; returns the loss (a device scalar, not synced)."""
         self.state, loss = self._train(self._current_state(), *self._inputs(x, y))
+        self._local_state = None
         return loss
 
     def eval_step(self, x, y):
         """Per-sample hard dice scores of a batch: {name: (B,) numpy array}."""
         inputs, n = self._whole_inputs(x, y)
-        scores = self._eval(self._current_state(), *inputs)
+        scores = self._eval(self._inference_state(), *inputs)
         return {k: np.asarray(v)[:n] for k, v in scores.items()}
 
     def predict_step(self, x):
         """Argmax masks of a batch as int8 numpy (B, D, H, W)."""
         inputs, n = self._whole_inputs(x)
-        return np.asarray(self._predict(self._current_state(), *inputs))[:n]
+        return np.asarray(self._predict(self._inference_state(), *inputs))[:n]
 
     def dump_compiled(self, out_dir, x, y):
         """Write the training step's StableHLO (as lowered) and its optimized HLO (as compiled)."""

@@ -47,18 +47,32 @@ def configure(args):
         tf = import_tensorflow(args.tf_verbosity)
         if args.backend == "jax":  # tf.data only: the GPUs are JAX's
             tf.config.set_visible_devices([], "GPU")
-    if args.seed is not None:
-        random.seed(args.seed)
-        np.random.seed(args.seed)
-        if tf is not None:
-            tf.random.set_seed(args.seed)
-        if args.backend == "tensorflow":
-            tf.config.experimental.enable_op_determinism()
+    seed(args, tf)
     if args.backend == "jax":
         args.use_xla = True
     elif args.use_xla is None:
         args.use_xla = bool(tf.config.list_physical_devices("GPU"))
     return tf, hpu
+
+
+def seed(args, tf):
+    """Seed Python, NumPy and TensorFlow with --seed (and make TensorFlow's ops deterministic)."""
+    if args.seed is None:
+        return
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    if tf is not None:
+        tf.random.set_seed(args.seed)
+    if args.backend == "tensorflow":
+        tf.config.experimental.enable_op_determinism()
+
+
+def agree_on_a_seed(args, tf, cluster):
+    """Several JAX processes build their weights on the global mesh, which JAX checks to be the
+    same on every process: without --seed they all take process 0's random seed."""
+    if cluster.broadcasts and args.seed is None:
+        args.seed = int(cluster.broadcast(np.int32(np.random.SeedSequence().entropy % 2 ** 31)))
+        seed(args, tf)
 
 
 def make_hooks(args, logger, save_fn, global_batch, engine):
@@ -76,27 +90,58 @@ def make_hooks(args, logger, save_fn, global_batch, engine):
     return Hooks(hooks)
 
 
-def restore_for_inference(args, model):
-    """Load the newest checkpoint of model_dir into `model`; returns its step."""
-    found = checkpoint.latest_checkpoint(args.model_dir)
-    if found is None:
+def restore_shared(cluster, path, model, optimizer=None):
+    """Several JAX processes: process 0 reads the checkpoint at `path` (None: there is none) and
+    broadcasts it, and every process assigns the same arrays (JAX assigns a variable of the
+    global mesh on every process together). Returns the step, or None without a checkpoint."""
+    import keras
+    variables = checkpoint.variables_of(model, optimizer)
+    arrays, step = [np.zeros(v.shape, keras.backend.standardize_dtype(v.dtype)) for v in variables], -1
+    if cluster.is_chief and path is not None:
+        stored, step = checkpoint.load(path)
+        checkpoint.check(stored, path, variables)
+        arrays = stored[:len(variables)]
+    step = int(cluster.broadcast(np.int32(step)))
+    if step < 0:
+        return None
+    for variable, value in zip(variables, cluster.broadcast(arrays)):
+        variable.assign(value)
+    return step
+
+
+def restore_for_inference(args, model, cluster):
+    """Load the newest checkpoint of model_dir into `model`; returns its step. Several JAX
+    processes take process 0's."""
+    reads = cluster.is_chief or not cluster.broadcasts
+    found = checkpoint.latest_checkpoint(args.model_dir) if reads else None
+    if found is None and reads:
         raise UserError(f"--model_dir {args.model_dir}: no checkpoint to {args.exec_mode.split('_')[-1]} "
                         "with; train first (--exec_mode train) or point --model_dir at a trained run")
+    if cluster.broadcasts:
+        return restore_shared(cluster, found and found[1], model)
     return checkpoint.restore(found[1], model)
 
 
-def start_step_for_training(args, model, optimizer):
-    """0 for a new run; the checkpoint's step with --resume_training. Never overwrites silently."""
-    found = checkpoint.latest_checkpoint(args.model_dir)
-    if found is None:
-        if args.resume_training:
-            print(f"no checkpoint in {args.model_dir}: training from the start", flush=True)
-        return 0
-    if not args.resume_training:
+def start_step_for_training(args, model, optimizer, cluster):
+    """0 for a new run; the checkpoint's step with --resume_training. Never overwrites silently.
+
+    Several JAX processes take process 0's checkpoint (broadcast from it), so only process 0
+    needs to see model_dir."""
+    reads = cluster.is_chief or not cluster.broadcasts
+    found = checkpoint.latest_checkpoint(args.model_dir) if reads else None
+    if found is not None and not args.resume_training:
         raise UserError(f"--model_dir {args.model_dir} already holds a checkpoint (step {found[0]}); "
                         "add --resume_training to continue it, or choose another --model_dir")
-    step = checkpoint.restore(found[1], model, optimizer)
-    print(f"resuming from {found[1]} at step {step}", flush=True)
+    if found is None and reads and args.resume_training:
+        print(f"no checkpoint in {args.model_dir}: training from the start", flush=True)
+    if cluster.broadcasts:
+        step = restore_shared(cluster, found and found[1], model, optimizer)
+    else:
+        step = checkpoint.restore(found[1], model, optimizer) if found else None
+    if step is None:
+        return 0
+    print(f"resuming from {found[1] if found else 'the checkpoint of process 0'} at step {step}",
+          flush=True)
     return step
 
 
@@ -145,29 +190,30 @@ def run(args):
     from runtime.precision import choose_dtype, local_device, set_policy
     tf, hpu = configure(args)
     cluster = make_cluster(args, tf)
-    # bf16 where the device runs it natively; on HPU the Habana bridge converts to bf16 itself
-    # (TF_BF16_CONVERSION), so Keras keeps float32 there.
-    choose_dtype(args, local_device(args.backend, tf, hpu))
-    set_policy(args, hpu)
-    writes = worker_dirs(args, cluster)
-    if writes:
-        writable_dir(args.model_dir, "--model_dir")
-    logger = Logger(writable_dir(args.log_dir, "--log_dir") if writes else None, enabled=writes)
-    task = make_task(args, hpu)
-    # One process feeds every local device on JAX: its batches hold batch_size per device.
-    local_batch = args.batch_size * (cluster.num_replicas if args.backend == "jax" else 1)
-    data = task.data(cluster.worker_id, cluster.num_workers, local_batch)
-    model, optimizer, engine = build(args, task, data, cluster)
+    with cluster.failures():  # a lost peer: one line
+        agree_on_a_seed(args, tf, cluster)
+        # bf16 where the device runs it natively; on HPU the Habana bridge converts to bf16 itself
+        # (TF_BF16_CONVERSION), so Keras keeps float32 there.
+        choose_dtype(args, local_device(args.backend, tf, hpu))
+        set_policy(args, hpu)
+        writes = worker_dirs(args, cluster)
+        if writes:
+            writable_dir(args.model_dir, "--model_dir")
+        logger = Logger(writable_dir(args.log_dir, "--log_dir") if writes else None, enabled=writes)
+        task = make_task(args, hpu)
+        # One process feeds every local device on JAX: its batches hold batch_size per local device.
+        local_batch = args.batch_size * (cluster.local_replicas if args.backend == "jax" else 1)
+        data = task.data(cluster.worker_id, cluster.num_workers, local_batch)
+        model, optimizer, engine = build(args, task, data, cluster)
 
-    save_fn = None
-    if args.exec_mode in TRAINS and writes and not args.benchmark and not args.disable_ckpt_saving:
-        def save_fn(step):
-            engine.commit()
-            checkpoint.save(args.model_dir, step, model, optimizer)
-    hooks = make_hooks(args, logger, save_fn, args.batch_size * cluster.num_replicas, engine)
-    trainer = Trainer(engine, hooks, args.log_every, sync_every_step=args.benchmark,
-                      dump_dir=args.dump_config if writes else None)
-    with cluster.failures():
+        save_fn = None
+        if args.exec_mode in TRAINS and writes and not args.benchmark and not args.disable_ckpt_saving:
+            def save_fn(step):
+                engine.commit()
+                checkpoint.save(args.model_dir, step, model, optimizer)
+        hooks = make_hooks(args, logger, save_fn, args.batch_size * cluster.num_replicas, engine)
+        trainer = Trainer(engine, hooks, args.log_every, sync_every_step=args.benchmark,
+                          dump_dir=args.dump_config if writes else None)
         return run_modes(args, task, data, cluster, model, optimizer, trainer)
 
 
@@ -175,7 +221,7 @@ def run_modes(args, task, data, cluster, model, optimizer, trainer):
     """Train, evaluate and predict as `args.exec_mode` asks; returns what each produced."""
     results, step = {}, None
     if args.exec_mode in TRAINS:
-        first = 0 if args.benchmark else start_step_for_training(args, model, optimizer)
+        first = 0 if args.benchmark else start_step_for_training(args, model, optimizer, cluster)
         if cluster.horovod:
             cluster.horovod.broadcast_variables(model.variables + optimizer.variables, root_rank=0)
         last = task.last_step(data, cluster.num_replicas)
@@ -185,8 +231,8 @@ def run_modes(args, task, data, cluster, model, optimizer, trainer):
             results["loss"] = trainer.train(lambda: data.train_dataset(first), first, last,
                                             args.batch_size * cluster.num_replicas)
         step = max(first, last)
-    elif cluster.is_chief and (not args.benchmark or args.exec_mode in EVALUATES):
-        step = restore_for_inference(args, model)
+    elif (cluster.is_chief or cluster.broadcasts) and (not args.benchmark or args.exec_mode in EVALUATES):
+        step = restore_for_inference(args, model, cluster)
 
     if not cluster.is_chief:  # worker 0 alone evaluates and predicts
         return results

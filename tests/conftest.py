@@ -1,6 +1,10 @@
 """Shared test setup: the project root on sys.path, quiet TensorFlow, the Keras backend."""
 import os
+import shutil
+import socket
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -33,3 +37,30 @@ def assert_one_line_error(result, text):
     assert "Traceback" not in result.stderr, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and text in lines[0], result.stderr
+
+
+@pytest.fixture(scope="module")
+def same_volume_records(tmp_path_factory):
+    """Six record files holding one and the same 32³ volume: with no augmentation every batch of
+    every worker is then that volume, whatever the sharding and shuffling, so two workers of batch
+    1 and one worker of batch 2 compute the same gradients."""
+    from dataset.phantom import write_brats_phantom
+    from dataset.preprocess_data import preprocess
+    root = tmp_path_factory.mktemp("same")
+    write_brats_phantom(str(root / "nifti"), 1, shape=(32, 32, 32), seed=2)
+    (path,) = preprocess(str(root / "nifti"), str(root / "one"), single_data_dir=True, seed=0)
+    os.makedirs(root / "records")
+    for k in range(6):
+        shutil.copy(path, root / "records" / f"volume-{k}.tfrecord")
+    return str(root / "records")
+
+
+def free_ports(n):
+    """`n` TCP ports of localhost that were free a moment ago."""
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports

@@ -62,6 +62,12 @@ def test_aliases():
     (["--fold", "5"], "--fold"),
     (["--fold", "2", "--num_folds", "2"], "--fold"),
     (["--data_dir", "/no/such/folder"], "--data_dir"),
+    (["--num_processes", "2"], "--num_processes"),  # the TensorFlow backend
+    (["--backend", "jax", "--coordinator_address", "localhost"], "--coordinator_address"),
+    (["--backend", "jax", "--coordinator_address", "localhost:1234"], "--num_processes"),
+    (["--backend", "jax", "--num_processes", "2", "--process_id", "1"], "--coordinator_address"),
+    (["--backend", "jax", "--coordinator_address", "h:1", "--num_processes", "2", "--process_id", "2"],
+     "--process_id"),
 ])
 def test_bad_flags_give_one_line_errors(argv, flag):
     out = run_main(*argv)
@@ -69,3 +75,17 @@ def test_bad_flags_give_one_line_errors(argv, flag):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr
     assert flag in lines[0] and "error" in lines[0]
+
+
+def test_jax_process_flags_come_from_the_environment_too(monkeypatch):
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "node0:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+    monkeypatch.setenv("JAX_PROCESS_ID", "3")
+    args = parse_args(["--backend", "jax"])
+    assert (args.coordinator_address, args.num_processes, args.process_id) == ("node0:1234", 4, 3)
+    args = parse_args(["--backend", "jax", "--process_id", "1"])  # a flag wins
+    assert args.process_id == 1
+    assert parse_args([]).num_processes is None  # TensorFlow: the JAX variables are not its own
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "four")
+    with pytest.raises(SystemExit):
+        parse_args(["--backend", "jax"])

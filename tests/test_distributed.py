@@ -1,46 +1,17 @@
 """Many workers on localhost (CPU): tf.distribute through TF_CONFIG and mpirun, a lost worker, Horovod."""
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
-import pytest
 
-from dataset.phantom import write_brats_phantom
-from dataset.preprocess_data import preprocess
 from runtime import checkpoint
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_ports
 
 MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
-
-
-@pytest.fixture(scope="module")
-def same_volume_records(tmp_path_factory):
-    """Six record files holding one and the same 32³ volume: with no augmentation every batch of
-    every worker is then that volume, whatever the sharding and shuffling, so two workers of batch
-    1 and one worker of batch 2 compute the same gradients."""
-    root = tmp_path_factory.mktemp("same")
-    write_brats_phantom(str(root / "nifti"), 1, shape=(32, 32, 32), seed=2)
-    (path,) = preprocess(str(root / "nifti"), str(root / "one"), single_data_dir=True, seed=0)
-    os.makedirs(root / "records")
-    for k in range(6):
-        shutil.copy(path, root / "records" / f"volume-{k}.tfrecord")
-    return str(root / "records")
-
-
-def free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def train_flags(records, out, batch, steps, *extra):
