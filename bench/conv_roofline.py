@@ -68,22 +68,30 @@ def ceilings(dtype):
     return tflops, 2 * big.nbytes / copy_ms / 1e6
 
 
-def time_conv(batch, edge, stride, c_in, c_out, dtype, rng):
-    """{kind: (ms, flop, fewest bytes)} of the forward, data- and weight-gradient convolution."""
+def time_conv(batch, edge, stride, c_in, c_out, dtype, rng, multiple=1):
+    """{kind: (ms, flop, fewest bytes)} of the forward, data- and weight-gradient convolution.
+
+    With `multiple`, the channel counts are padded up to a multiple of it (as ChannelPaddedConv3D
+    does); the flop and bytes stay those of the unpadded convolution.
+    """
     conv = lambda x, w: jax.lax.conv_general_dilated(  # noqa: E731
         x, w, (stride,) * 3, "SAME", dimension_numbers=DIMS)
-    x = jnp.asarray(rng.standard_normal((batch, edge, edge, edge, c_in)), dtype)
-    w = jnp.asarray(rng.standard_normal((3, 3, 3, c_in, c_out)) * 0.05, dtype)
+    pad_in, pad_out = c_in + -c_in % multiple, c_out + -c_out % multiple
+    x = jnp.asarray(rng.standard_normal((batch, edge, edge, edge, pad_in)), dtype)
+    w = jnp.asarray(rng.standard_normal((3, 3, 3, pad_in, pad_out)) * 0.05, dtype)
     y = jax.jit(conv)(x, w)
     dy = jnp.asarray(rng.standard_normal(y.shape), dtype)
-    flop = 2 * y.size * 27 * c_in
-    size = lambda a: a.size * a.dtype.itemsize  # noqa: E731
+    flop = 2 * (y.size // pad_out) * 27 * c_in * c_out
+    item = jnp.dtype(dtype).itemsize
+    x_bytes, w_bytes = x.size // pad_in * c_in * item, 27 * c_in * c_out * item
+    y_bytes = y.size // pad_out * c_out * item
     fwd = jax.jit(conv)
     dgrad = jax.jit(lambda w, dy: jax.vjp(lambda x_: conv(x_, w), x)[1](dy)[0])
     wgrad = jax.jit(lambda x, dy: jax.vjp(lambda w_: conv(x, w_), w)[1](dy)[0])
-    return {"fwd": (median_ms(fwd, x, w), flop, size(x) + size(w) + size(y)),
-            "dgrad": (median_ms(dgrad, w, dy), flop, size(dy) + size(w) + size(x)),
-            "wgrad": (median_ms(wgrad, x, dy), flop, size(x) + size(dy) + size(w))}
+    nbytes = x_bytes + w_bytes + y_bytes  # each kind reads two of them and writes the third
+    return {"fwd": (median_ms(fwd, x, w), flop, nbytes),
+            "dgrad": (median_ms(dgrad, w, dy), flop, nbytes),
+            "wgrad": (median_ms(wgrad, x, dy), flop, nbytes)}
 
 
 def main():
@@ -92,21 +100,32 @@ def main():
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--channel_multiple", type=int, nargs="*", default=[1],
+                        help="pad channel counts to multiples of each (1: none), as ChannelPaddedConv3D")
+    parser.add_argument("--narrow_only", action="store_true",
+                        help="only the convolutions with a channel count not a multiple of 8")
     args = parser.parse_args()
     dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
     peak, bandwidth = ceilings(dtype)
     print(f"device {jax.devices()[0].device_kind}: matrix {peak:.0f} TFLOP/s ({args.dtype}), "
           f"copy {bandwidth:.0f} GB/s; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}", flush=True)
     rng = np.random.default_rng(0)
-    rows = []
+    rows, totals = [], {}
     for name, edge, stride, c_in, c_out in unet3d_convs(args.size):
-        for kind, (ms, flop, nbytes) in time_conv(args.batch, edge, stride, c_in, c_out, dtype, rng).items():
-            if name == "input_0" and kind == "dgrad":
-                continue  # the step never differentiates the image
-            rows.append((ms, name, kind, f"{edge}^3 s{stride} {c_in}->{c_out}", flop, nbytes))
-    total = sum(r[0] for r in rows)
-    print(f"\nall 3x3x3 convolutions alone: {total:.1f} ms per step (batch {args.batch})")
-    print("| conv | kind | shape | ms | TFLOP/s | of matrix peak | fewest bytes GB/s | of bandwidth | floor ms |")
+        if args.narrow_only and not (c_in % 8 or c_out % 8):
+            continue
+        for multiple in args.channel_multiple:
+            timed = time_conv(args.batch, edge, stride, c_in, c_out, dtype, rng, multiple)
+            for kind, (ms, flop, nbytes) in timed.items():
+                if name == "input_0" and kind == "dgrad":
+                    continue  # the step never differentiates the image
+                padded = f" pad{multiple}" if multiple > 1 else ""
+                rows.append((ms, name, kind, f"{edge}^3 s{stride} {c_in}->{c_out}{padded}", flop, nbytes))
+                totals[multiple] = totals.get(multiple, 0.0) + ms
+    for multiple, total in totals.items():
+        print(f"\nthe convolutions alone, channels padded to multiples of {multiple}: {total:.1f} ms "
+              f"(batch {args.batch})")
+    print("\n| conv | kind | shape | ms | TFLOP/s | of matrix peak | fewest bytes GB/s | of bandwidth | floor ms |")
     print("|---|---|---|---|---|---|---|---|---|")
     for ms, name, kind, shape, flop, nbytes in sorted(rows, reverse=True):
         tflops, gbs = flop / ms / 1e9, nbytes / ms / 1e6

@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 from model.losses import get_loss  # noqa: E402
 from model.unet3d import build_unet3d  # noqa: E402
 from runtime.jax_engine import JaxEngine  # noqa: E402
+from runtime.tasks import GPU_CHANNEL_MULTIPLE  # noqa: E402
 
 
 def time_steps(engine, x, y, steps, warmup):
@@ -62,6 +63,9 @@ def main():
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--size", type=int, default=128, help="crop edge (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--channel_multiple", type=int, default=GPU_CHANNEL_MULTIPLE,
+                        help="pad the image convolution's input channels to this multiple, as the "
+                        "tool does on a GPU (0: none; default: %(default)s)")
     parser.add_argument("--trace", default=None, help="trace 5 steps into DIR and list the top kernels")
     args = parser.parse_args()
     keras.mixed_precision.set_dtype_policy("mixed_bfloat16" if args.dtype == "bf16" else "float32")
@@ -69,12 +73,12 @@ def main():
     shape = (2,) + (args.size,) * 3
     x_host = rng.normal(size=shape + (4,)).astype(np.float32)
     y_host = np.eye(4, dtype=np.float32)[rng.integers(0, 4, size=shape)]
-    model = build_unet3d(4, seed=0)
+    model = build_unet3d(4, seed=0, channel_multiple=args.channel_multiple or None)
     optimizer = keras.optimizers.Adam(1e-4)
     optimizer.build(model.trainable_variables)
     engine = JaxEngine(model, optimizer, get_loss("dice+ce"), None)
     x_dev, y_dev = jax.device_put(x_host), jax.device_put(y_host)
-    result = {"dtype": args.dtype, "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+    result = {"dtype": args.dtype, "channel_multiple": args.channel_multiple, "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
               "device": jax.devices()[0].device_kind,
               "step_ms_device_batch": time_steps(engine, x_dev, y_dev, args.steps, 10),
               "step_ms_host_batch": time_steps(engine, x_host, y_host, args.steps, 3)}

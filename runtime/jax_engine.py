@@ -54,11 +54,16 @@ def prefetch_to_device(batches, put, depth=PREFETCH_DEPTH):
 
 
 class JaxEngine:
-    """Compiled steps of one model, optimizer, loss `(y, p) -> scalar` and metrics `(y, p) -> {name: (B,)}`."""
+    """Compiled steps of one model, optimizer, loss `(y, p) -> scalar` and metrics `(y, p) -> {name: (B,)}`.
 
-    def __init__(self, model, optimizer, loss_fn, metrics_fn, distribution=None):
+    `finish_batch(inputs, labels) -> (x, y)`, when given, turns a compact training batch into the
+    model's input and target inside the compiled step (dataset/device_transform.py).
+    """
+
+    def __init__(self, model, optimizer, loss_fn, metrics_fn, distribution=None, finish_batch=None):
         self.model, self.optimizer = model, optimizer
         self.loss_fn, self.metrics_fn = loss_fn, metrics_fn
+        self.finish_batch = finish_batch
         self.distribution = distribution
         self.state = None
         self._train = jax.jit(self._train_step, donate_argnums=0)
@@ -68,6 +73,8 @@ class JaxEngine:
     # ---- pure functions ------------------------------------------------------------------------
     def _train_step(self, state, x, y):
         trainable, non_trainable, opt_vars = state
+        if self.finish_batch is not None:
+            x, y = self.finish_batch(x, y)
 
         def loss_of(trainable):
             probs, new_non_trainable = self.model.stateless_call(trainable, non_trainable, x, training=True)
@@ -109,8 +116,8 @@ class JaxEngine:
         self.state = None
 
     def _inputs(self, *arrays):
-        """Batches as device arrays (split over the devices with a data-parallel layout); arrays
-        already on the devices pass unchanged."""
+        """Batches (arrays, or dicts of them) as device arrays, split over the devices with a
+        data-parallel layout; arrays already on the devices pass unchanged."""
         def place(a):
             if isinstance(a, jax.Array):
                 return a
@@ -118,7 +125,7 @@ class JaxEngine:
             if self.distribution is None:
                 return jax.device_put(a)
             return jax.device_put(a, self.distribution.get_data_layout(a.shape).backend_layout)
-        return [place(a) for a in arrays]
+        return [jax.tree.map(place, a) for a in arrays]
 
     def _whole_inputs(self, *arrays):
         """(device arrays, batch size): an evaluation or prediction batch, its last example repeated
