@@ -18,7 +18,8 @@ DIVISOR = 2 ** (len(ENCODER_CHANNELS) - 1)
 
 
 def conv3d(filters, init, channel_multiple=None, **kwargs):
-    """A 3×3×3 'same' Conv3D with bias; with `channel_multiple`, its input channels padded to it."""
+    """A 3×3×3 'same' Conv3D with bias; with `channel_multiple`, its input channels padded to a
+    multiple of it (ChannelPaddedConv3D: the same function)."""
     if channel_multiple:
         return ChannelPaddedConv3D(filters, 3, padding="same", kernel_initializer=init.glorot(),
                                    channel_multiple=channel_multiple, **kwargs)
@@ -35,23 +36,22 @@ def conv_block(x, filters, norm, init, strides=1, name=None, instance_norm=None,
 
 
 def build_unet3d(in_channels=4, n_classes=4, normalization="instancenorm", seed=None,
-                 spatial_shape=(None, None, None), instance_norm=None, channel_multiple=None):
+                 spatial_shape=(None, None, None), instance_norm=None, image_channel_multiple=None):
     """The UNet3D as a `keras.Model` from (B, D, H, W, in_channels) to softmax probabilities.
 
     Spatial sizes may be left as None; each one used must be a multiple of 32. `instance_norm`
-    replaces the instance-normalization layer class (Habana's on HPU). `channel_multiple` pads the
-    input channels of the 3×3×3 convolutions (the image's 4) up to a multiple of it: the same
-    function on faster GPU kernels (ChannelPaddedConv3D).
+    replaces the instance-normalization layer class (Habana's on HPU). With
+    `image_channel_multiple` the first convolution pads the image's channels up to a multiple of
+    it: the same function, on faster GPU kernels (8 on GPUs, runtime/tasks.py).
     """
     for size in spatial_shape:
         if size is not None and size % DIVISOR:
             raise ValueError(f"UNet3D needs spatial sizes divisible by {DIVISOR}, got {spatial_shape}")
     init = Initializers(seed)
-    block = functools.partial(conv_block, norm=normalization, init=init, instance_norm=instance_norm,
-                              channel_multiple=channel_multiple)
+    block = functools.partial(conv_block, norm=normalization, init=init, instance_norm=instance_norm)
     inputs = keras.Input(shape=tuple(spatial_shape) + (in_channels,), name="image")
 
-    x = block(inputs, ENCODER_CHANNELS[0], name="input_0")
+    x = block(inputs, ENCODER_CHANNELS[0], name="input_0", channel_multiple=image_channel_multiple)
     x = block(x, ENCODER_CHANNELS[0], name="input_1")
     skips = [x]
     for depth, filters in enumerate(ENCODER_CHANNELS[1:], start=1):
@@ -66,6 +66,6 @@ def build_unet3d(in_channels=4, n_classes=4, normalization="instancenorm", seed=
         x = block(x, filters, name=f"up{depth}_0")
         x = block(x, filters, name=f"up{depth}_1")
 
-    logits = conv3d(n_classes, init, channel_multiple, name="output_conv")(x)
+    logits = conv3d(n_classes, init, name="output_conv")(x)
     probs = softmax()(logits)
     return keras.Model(inputs, probs, name="unet3d")

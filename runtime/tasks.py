@@ -7,7 +7,7 @@ import os
 
 from common.errors import UserError
 
-GPU_CHANNEL_MULTIPLE = 8  # cuDNN's fast 3-D convolutions want 8 or more input channels
+GPU_CHANNEL_MULTIPLE = 8  # cuDNN's fast 3-D convolution kernels want 8 or more input channels
 
 
 def gpu_visible(backend):
@@ -61,7 +61,7 @@ class UNet3DTask(Task):
         from model.unet3d import build_unet3d
         return build_unet3d(in_channels=4, normalization=self.args.normalization, seed=self.args.seed,
                             instance_norm=self.instance_norm,
-                            channel_multiple=GPU_CHANNEL_MULTIPLE if gpu_visible(self.args.backend) else None)
+                            image_channel_multiple=GPU_CHANNEL_MULTIPLE if gpu_visible(self.args.backend) else None)
 
     def optimizer(self):
         """Adam(learning_rate)."""
