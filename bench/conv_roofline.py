@@ -125,7 +125,8 @@ def main():
     for multiple, total in totals.items():
         print(f"\nthe convolutions alone, channels padded to multiples of {multiple}: {total:.1f} ms "
               f"(batch {args.batch})")
-    print("\n| conv | kind | shape | ms | TFLOP/s | of matrix peak | fewest bytes GB/s | of bandwidth | floor ms |")
+    print("\n| conv | kind | shape | ms | TFLOP/s | of matrix peak | fewest bytes GB/s | of bandwidth "
+          "| floor ms |")
     print("|---|---|---|---|---|---|---|---|---|")
     for ms, name, kind, shape, flop, nbytes in sorted(rows, reverse=True):
         tflops, gbs = flop / ms / 1e9, nbytes / ms / 1e6

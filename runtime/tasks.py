@@ -59,9 +59,9 @@ class UNet3DTask(Task):
     def model(self, data):
         """The UNet3D of SPEC §1.4; on a GPU its image convolution pads the 4 channels to 8."""
         from model.unet3d import build_unet3d
+        multiple = GPU_CHANNEL_MULTIPLE if gpu_visible(self.args.backend) else None
         return build_unet3d(in_channels=4, normalization=self.args.normalization, seed=self.args.seed,
-                            instance_norm=self.instance_norm,
-                            image_channel_multiple=GPU_CHANNEL_MULTIPLE if gpu_visible(self.args.backend) else None)
+                            instance_norm=self.instance_norm, image_channel_multiple=multiple)
 
     def optimizer(self):
         """Adam(learning_rate)."""
