@@ -1,9 +1,10 @@
 """Where UNet3D's JAX training step spends its time on a GPU.
 
 usage: KERAS_BACKEND=jax python bench/step_profile.py [--dtype bf16] [--size 128] [--trace DIR]
-Times the jitted training step (batch 2, Adam, dice+ce) with the batch already on the device and
-with a host batch copied each step, then traces a few steps and prints the GPU kernels that take
-the most time per step. XLA gets the tool's flags (runtime/xla_flags.py); set
+                                                    [--image_channel_multiple 8] [--loss_check 50]
+Times the jitted training step (batch 2, Adam, dice+ce, a compact uint8 batch finished in the
+step) with the batch already on the device and with a host batch copied each step, then traces a
+few steps and prints the GPU kernels that take the most time per step. XLA gets the tool's flags (runtime/xla_flags.py); set
 XLA_FLAGS=--xla_gpu_force_conv_nhwc=false to see XLA's own layout choice instead.
 """
 import argparse
@@ -25,9 +26,11 @@ import jax  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dataset.device_transform import finish_train_batch  # noqa: E402
 from model.losses import get_loss  # noqa: E402
 from model.unet3d import build_unet3d  # noqa: E402
 from runtime.jax_engine import JaxEngine  # noqa: E402
+from runtime.tasks import GPU_CHANNEL_MULTIPLE  # noqa: E402
 
 
 def time_steps(engine, x, y, steps, warmup):
@@ -56,25 +59,62 @@ def top_kernels(trace_dir, steps, count=15):
     return sum(total.values()), rows
 
 
+def compact_batch(rng, shape):
+    """A random compact training batch (uint8 crops and labels, drawn augmentation) of `shape`."""
+    b, channels = shape[0], 4
+    inputs = {"image": rng.integers(0, 256, size=shape + (channels,), dtype=np.uint8),
+              "mean": rng.uniform(40, 80, size=(b, channels)).astype(np.float32),
+              "stdev": rng.uniform(10, 20, size=(b, channels)).astype(np.float32),
+              "flip": rng.random(b) > 0.5, "brighten": rng.random(b) > 0.5,
+              "factor": rng.uniform(0.9, 1.1, size=(b, channels)).astype(np.float32)}
+    return inputs, rng.integers(0, 4, size=shape, dtype=np.uint8)
+
+
+def make_engine(image_channel_multiple):
+    """A JaxEngine of UNet3D (seed 0), Adam and dice+ce that finishes compact batches."""
+    model = build_unet3d(4, seed=0, image_channel_multiple=image_channel_multiple or None)
+    optimizer = keras.optimizers.Adam(1e-4)
+    optimizer.build(model.trainable_variables)
+    return JaxEngine(model, optimizer, get_loss("dice+ce"), None, finish_batch=finish_train_batch)
+
+
+def loss_check(args, shape, steps):
+    """The first `steps` losses with the image's channels padded against plain convolutions, same
+    seed and batches: prints the largest relative difference and whether it is within 2 %."""
+    rng = np.random.default_rng(1)
+    batches = [compact_batch(rng, shape) for _ in range(4)]
+    losses = {}
+    for multiple in (0, args.image_channel_multiple):
+        engine = make_engine(multiple)
+        losses[multiple] = np.array([float(engine.train_step(*batches[i % 4])) for i in range(steps)])
+    reference, chosen = losses.values()
+    worst = float(np.max(np.abs(chosen - reference) / np.abs(reference)))
+    print(json.dumps({"loss_check_steps": steps, "image_channel_multiple": args.image_channel_multiple,
+                      "max_relative_difference": worst,
+                      "within_2_percent": worst <= 0.02, "first": [reference[0], chosen[0]],
+                      "last": [reference[-1], chosen[-1]]}), flush=True)
+
+
 def main():
     """Time the step, trace it, print the summary."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--size", type=int, default=128, help="crop edge (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--image_channel_multiple", type=int, default=GPU_CHANNEL_MULTIPLE,
+                        help="pad the image convolution's channels to this multiple, as the tool "
+                        "does on a GPU (0: none; default: %(default)s)")
     parser.add_argument("--trace", default=None, help="trace 5 steps into DIR and list the top kernels")
+    parser.add_argument("--loss_check", type=int, default=0, metavar="N",
+                        help="also compare the first N losses with plain convolutions (2 %% tolerance)")
     args = parser.parse_args()
     keras.mixed_precision.set_dtype_policy("mixed_bfloat16" if args.dtype == "bf16" else "float32")
-    rng = np.random.default_rng(0)
     shape = (2,) + (args.size,) * 3
-    x_host = rng.normal(size=shape + (4,)).astype(np.float32)
-    y_host = np.eye(4, dtype=np.float32)[rng.integers(0, 4, size=shape)]
-    model = build_unet3d(4, seed=0)
-    optimizer = keras.optimizers.Adam(1e-4)
-    optimizer.build(model.trainable_variables)
-    engine = JaxEngine(model, optimizer, get_loss("dice+ce"), None)
+    x_host, y_host = compact_batch(np.random.default_rng(0), shape)
+    engine = make_engine(args.image_channel_multiple)
     x_dev, y_dev = jax.device_put(x_host), jax.device_put(y_host)
-    result = {"dtype": args.dtype, "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+    result = {"dtype": args.dtype, "image_channel_multiple": args.image_channel_multiple,
+              "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
               "device": jax.devices()[0].device_kind,
               "step_ms_device_batch": time_steps(engine, x_dev, y_dev, args.steps, 10),
               "step_ms_host_batch": time_steps(engine, x_host, y_host, args.steps, 3)}
@@ -87,6 +127,8 @@ def main():
         print(f"GPU busy {busy:.1f} ms per step; top kernels (ms/step, launches/step):")
         for ms, n, name in rows:
             print(f"{ms:7.2f} {n:5d}  {name[:110]}")
+    if args.loss_check:
+        loss_check(args, shape, args.loss_check)
 
 
 if __name__ == "__main__":

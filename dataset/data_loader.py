@@ -97,7 +97,9 @@ class BratsData:
                             "worker needs one; use fewer workers, fewer --num_folds or more files")
 
     def train_dataset(self, start_step=0):
-        """Endless batches of (x (B, crop…, 4), one-hot y), resuming the stream at `start_step`."""
+        """Endless compact batches ({"image": uint8 (B, crop…, 4), "mean", "stdev", "flip", "brighten",
+        "factor"}, uint8 labels (B, crop…)), resuming the stream at `start_step`; the training step
+        finishes them (dataset/device_transform.py)."""
         self.check_trainable()
         ds = tf.data.TFRecordDataset(self.train_files)
         ds = ds.shard(self.num_workers, self.worker_id).cache()
@@ -145,13 +147,12 @@ class SyntheticTFData(SyntheticData):
 
     def _as_dataset(self, batches):
         first = next(iter(batches()))
-        spec = tuple(tf.TensorSpec(a.shape, tf.float32) for a in first) if isinstance(first, tuple) \
-            else tf.TensorSpec(first.shape, tf.float32)
+        spec = tf.nest.map_structure(lambda a: tf.TensorSpec(a.shape, tf.as_dtype(a.dtype)), first)
         return prefetch(tf.data.Dataset.from_generator(batches, output_signature=spec),
                         self.prefetch_device)
 
     def train_dataset(self, start_step=0):
-        """Endless synthetic training batches."""
+        """Endless compact synthetic training batches."""
         return self._as_dataset(lambda: super(SyntheticTFData, self).train_dataset(start_step))
 
     def eval_dataset(self):

@@ -1,9 +1,10 @@
 """Deterministic synthetic BraTS data for benchmarks, in NumPy alone (no TensorFlow needed).
 
-One random BraTS-sized volume (uint8 inputs in [0, 255), labels in [0, 4)) goes through the
-training transforms with mean 0 and stdev 1: a random 128³ crop, a flip of axis 1, the z-score and
-the brightness shift. `POOL` transformed examples per batch slot are made once and cycled, so the
-input side costs nothing while the accelerator is timed.
+One random BraTS-sized volume (uint8 inputs in [0, 255), labels in [0, 4)) gives the training
+examples in the compact form of the tf.data pipeline: a random 128³ uint8 crop and its labels,
+mean 0 and stdev 1, and the random flip and brightness decisions, which the training step
+applies (dataset/device_transform.py). `POOL` examples per batch slot are made once and cycled,
+so the input side costs nothing while the accelerator is timed.
 """
 import numpy as np
 
@@ -24,13 +25,20 @@ def base_seed(seed):
 def _train_example(x, y, crop, rng, augment):
     starts = [int(rng.integers(0, max(size - c, 1))) for size, c in zip(x.shape[:3], crop)]
     window = tuple(slice(s, s + c) for s, c in zip(starts, crop))
-    xs, ys = x[window].astype(np.float32), y[window]
-    if augment and rng.random() > 0.5:
-        xs, ys = xs[:, ::-1], ys[:, ::-1]
-    xs = np.where(xs > 0, xs / (1.0 + 1e-8), xs)  # the z-score with mean 0 and stdev 1
-    if augment and rng.random() > 0.5:
-        xs = np.where(xs > 0, xs + rng.uniform(0.9, 1.1, size=xs.shape[-1]), xs)
-    return np.ascontiguousarray(xs, np.float32), np.eye(N_CLASSES, dtype=np.float32)[ys]
+    channels = x.shape[-1]
+    flip = bool(augment and rng.random() > 0.5)
+    brighten = bool(augment and rng.random() > 0.5)
+    factor = rng.uniform(0.9, 1.1, size=channels) if brighten else np.ones(channels)
+    inputs = {"image": np.ascontiguousarray(x[window]), "mean": np.zeros(channels, np.float32),
+              "stdev": np.ones(channels, np.float32), "flip": np.bool_(flip),
+              "brighten": np.bool_(brighten), "factor": factor.astype(np.float32)}
+    return inputs, np.ascontiguousarray(y[window])
+
+
+def _stack(examples):
+    """One batch ({name: stacked array}, stacked labels) from (inputs, labels) examples."""
+    inputs = {key: np.stack([e[0][key] for e in examples]) for key in examples[0][0]}
+    return inputs, np.stack([e[1] for e in examples])
 
 
 class SyntheticData:
@@ -49,12 +57,12 @@ class SyntheticData:
         self.eval_records = [{"case": "synthetic", "shape": BRATS_SHAPE, "affine": np.eye(4)}]
 
     def train_dataset(self, start_step=0):
-        """An endless iterator of (x (B, 128³, 4), one-hot y) batches, resumable at `start_step`."""
+        """An endless iterator of compact batches (as BratsData.train_dataset's), resumable at
+        `start_step`."""
         rng = np.random.default_rng([self.seed, 1])
         pool = [_train_example(self.x, self.y, self.crop_shape, rng, self.augment)
                 for _ in range(POOL * self.batch_size)]
-        batches = [tuple(np.stack(part) for part in zip(*pool[i:i + self.batch_size]))
-                   for i in range(0, len(pool), self.batch_size)]
+        batches = [_stack(pool[i:i + self.batch_size]) for i in range(0, len(pool), self.batch_size)]
 
         def stream():
             step = start_step

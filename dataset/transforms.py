@@ -5,9 +5,8 @@ int tensor, so that a stream is reproducible from `--seed` whatever the parallel
 """
 import tensorflow as tf
 
+from dataset.device_transform import ZSCORE_EPS
 from dataset.windows import N_CLASSES
-
-ZSCORE_EPS = 1e-8
 
 
 def _seeds(seed, n):
@@ -24,11 +23,15 @@ def random_crop(x, y, crop_shape, seed):
     return x, y
 
 
-def random_flip(x, y, seed, axis=1):
-    """Reverse `axis` of image and labels with probability 0.5."""
-    flip = tf.random.stateless_uniform([], seed) > 0.5
-    return (tf.cond(flip, lambda: tf.reverse(x, [axis]), lambda: x),
-            tf.cond(flip, lambda: tf.reverse(y, [axis]), lambda: y))
+def draw_augmentation(flip_seed, bright_seed, channels, augment):
+    """(flip, brighten, factor): one example's random decisions, flip axis 1 (p 0.5), brighten
+    (p 0.5) and the per-channel brightness factor, U[0.9, 1.1]. Without `augment`, neither."""
+    apply_seed, factor_seed = _seeds(bright_seed, 2)
+    factor = tf.random.stateless_uniform([channels], factor_seed, minval=0.9, maxval=1.1)
+    if not augment:
+        return tf.constant(False), tf.constant(False), factor
+    return (tf.random.stateless_uniform([], flip_seed) > 0.5,
+            tf.random.stateless_uniform([], apply_seed) > 0.5, factor)
 
 
 def zscore(x, mean, stdev):
@@ -36,28 +39,15 @@ def zscore(x, mean, stdev):
     return tf.where(x > 0, (x - mean) / (stdev + ZSCORE_EPS), x)
 
 
-def random_brightness(x, seed):
-    """With probability 0.5, add a per-channel U[0.9, 1.1] value to every voxel above 0.
-
-    QUIRK kept from the reference: the 'brightness factor' is added, not multiplied, so the
-    trained network sees the same input distribution as the reference's.
-    """
-    apply_seed, factor_seed = _seeds(seed, 2)
-    factor = tf.random.stateless_uniform([x.shape[-1]], factor_seed, minval=0.9, maxval=1.1)
-    apply = tf.random.stateless_uniform([], apply_seed) > 0.5
-    return tf.cond(apply, lambda: tf.where(x > 0, x + factor, x), lambda: x)
-
-
 def train_transform(x, y, mean, stdev, seed, crop_shape, augment):
-    """Crop, flip axis 1, cast, z-score, brightness, one-hot: one training example."""
+    """One training example as shipped to the device: ({"image": uint8 crop, "mean", "stdev",
+    "flip", "brighten", "factor"}, uint8 label crop). The crop and every random decision are
+    drawn here from `seed`; dataset/device_transform.py applies them inside the training step."""
     crop_seed, flip_seed, bright_seed = _seeds(seed, 3)
     x, y = random_crop(x, y, crop_shape, crop_seed)
-    if augment:
-        x, y = random_flip(x, y, flip_seed)
-    x = zscore(tf.cast(x, tf.float32), mean, stdev)
-    if augment:
-        x = random_brightness(x, bright_seed)
-    return x, tf.one_hot(tf.cast(y, tf.int32), N_CLASSES)
+    flip, brighten, factor = draw_augmentation(flip_seed, bright_seed, x.shape[-1], augment)
+    return {"image": x, "mean": mean, "stdev": stdev, "flip": flip, "brighten": brighten,
+            "factor": factor}, y
 
 
 def fit_window(x, window):

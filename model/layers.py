@@ -83,6 +83,31 @@ class UpConv2x(keras.layers.Layer):
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer)}
 
 
+class ChannelPaddedConv3D(keras.layers.Conv3D):
+    """A Conv3D whose input channels are zero-padded up to a multiple of `channel_multiple`.
+
+    The padded channels meet zero kernel rows, so the layer computes the same function with the
+    same weights as `keras.layers.Conv3D`. cuDNN runs a 3-D convolution of 4 input channels
+    (UNet3D's image) on slow kernels: on an H100 its weight gradient took 4.5 ms for a 128³ batch
+    of 2, 1.1 ms with the input padded to 8 channels. (Padding the 4 output channels of the last
+    convolution made its weight gradient slower, so outputs stay as they are.)
+    """
+
+    def __init__(self, *args, channel_multiple=8, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.channel_multiple = channel_multiple
+
+    def convolution_op(self, inputs, kernel):
+        pad = -kernel.shape[-2] % self.channel_multiple
+        if pad:
+            inputs = ops.pad(inputs, [[0, 0]] * 4 + [[0, pad]])
+            kernel = ops.pad(kernel, [[0, 0]] * 3 + [[0, pad], [0, 0]])
+        return super().convolution_op(inputs, kernel)
+
+    def get_config(self):
+        return {**super().get_config(), "channel_multiple": self.channel_multiple}
+
+
 def _spatial_shape(x):
     """The three spatial sizes of a 5-D tensor, static where known."""
     static = x.shape[1:4]

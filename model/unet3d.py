@@ -10,18 +10,25 @@ import functools
 
 import keras
 
-from model.layers import Initializers, UpConv2x, make_normalization, softmax
+from model.layers import ChannelPaddedConv3D, Initializers, UpConv2x, make_normalization, softmax
 
 ENCODER_CHANNELS = (32, 64, 128, 256, 320, 320)
 DECODER_CHANNELS = (320, 256, 128, 64, 32)
 DIVISOR = 2 ** (len(ENCODER_CHANNELS) - 1)
 
 
-def conv_block(x, filters, norm, init, strides=1, name=None, instance_norm=None):
+def conv3d(filters, init, channel_multiple=None, **kwargs):
+    """A 3×3×3 'same' Conv3D with bias; with `channel_multiple`, its input channels padded to a
+    multiple of it (ChannelPaddedConv3D: the same function)."""
+    if channel_multiple:
+        return ChannelPaddedConv3D(filters, 3, padding="same", kernel_initializer=init.glorot(),
+                                   channel_multiple=channel_multiple, **kwargs)
+    return keras.layers.Conv3D(filters, 3, padding="same", kernel_initializer=init.glorot(), **kwargs)
+
+
+def conv_block(x, filters, norm, init, strides=1, name=None, instance_norm=None, channel_multiple=None):
     """Conv3D 3×3×3 'same' with bias, then normalization, then LeakyReLU(0.01)."""
-    x = keras.layers.Conv3D(filters, 3, strides=strides, padding="same",
-                            kernel_initializer=init.glorot(), bias_initializer="zeros",
-                            name=f"{name}_conv")(x)
+    x = conv3d(filters, init, channel_multiple, strides=strides, name=f"{name}_conv")(x)
     layer = make_normalization(norm, name=f"{name}_norm", instance_norm=instance_norm)
     if layer is not None:
         x = layer(x)
@@ -29,11 +36,13 @@ def conv_block(x, filters, norm, init, strides=1, name=None, instance_norm=None)
 
 
 def build_unet3d(in_channels=4, n_classes=4, normalization="instancenorm", seed=None,
-                 spatial_shape=(None, None, None), instance_norm=None):
+                 spatial_shape=(None, None, None), instance_norm=None, image_channel_multiple=None):
     """The UNet3D as a `keras.Model` from (B, D, H, W, in_channels) to softmax probabilities.
 
     Spatial sizes may be left as None; each one used must be a multiple of 32. `instance_norm`
-    replaces the instance-normalization layer class (Habana's on HPU).
+    replaces the instance-normalization layer class (Habana's on HPU). With
+    `image_channel_multiple` the first convolution pads the image's channels up to a multiple of
+    it: the same function, on faster GPU kernels (8 on GPUs, runtime/tasks.py).
     """
     for size in spatial_shape:
         if size is not None and size % DIVISOR:
@@ -42,7 +51,7 @@ def build_unet3d(in_channels=4, n_classes=4, normalization="instancenorm", seed=
     block = functools.partial(conv_block, norm=normalization, init=init, instance_norm=instance_norm)
     inputs = keras.Input(shape=tuple(spatial_shape) + (in_channels,), name="image")
 
-    x = block(inputs, ENCODER_CHANNELS[0], name="input_0")
+    x = block(inputs, ENCODER_CHANNELS[0], name="input_0", channel_multiple=image_channel_multiple)
     x = block(x, ENCODER_CHANNELS[0], name="input_1")
     skips = [x]
     for depth, filters in enumerate(ENCODER_CHANNELS[1:], start=1):
@@ -57,7 +66,6 @@ def build_unet3d(in_channels=4, n_classes=4, normalization="instancenorm", seed=
         x = block(x, filters, name=f"up{depth}_0")
         x = block(x, filters, name=f"up{depth}_1")
 
-    logits = keras.layers.Conv3D(n_classes, 3, padding="same", kernel_initializer=init.glorot(),
-                                 name="output_conv")(x)
+    logits = conv3d(n_classes, init, name="output_conv")(x)
     probs = softmax()(logits)
     return keras.Model(inputs, probs, name="unet3d")

@@ -58,11 +58,16 @@ def prefetch_to_device(batches, put, depth=PREFETCH_DEPTH):
 
 
 class JaxEngine:
-    """Compiled steps of one model, optimizer, loss `(y, p) -> scalar` and metrics `(y, p) -> {name: (B,)}`."""
+    """Compiled steps of one model, optimizer, loss `(y, p) -> scalar` and metrics `(y, p) -> {name: (B,)}`.
 
-    def __init__(self, model, optimizer, loss_fn, metrics_fn, distribution=None):
+    `finish_batch(inputs, labels) -> (x, y)`, when given, turns a compact training batch into the
+    model's input and target inside the compiled step (dataset/device_transform.py).
+    """
+
+    def __init__(self, model, optimizer, loss_fn, metrics_fn, distribution=None, finish_batch=None):
         self.model, self.optimizer = model, optimizer
         self.loss_fn, self.metrics_fn = loss_fn, metrics_fn
+        self.finish_batch = finish_batch
         self.distribution = distribution
         self.state, self._local_state = None, None
         local_mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("batch",))
@@ -75,6 +80,8 @@ class JaxEngine:
     # ---- pure functions ------------------------------------------------------------------------
     def _train_step(self, state, x, y):
         trainable, non_trainable, opt_vars = state
+        if self.finish_batch is not None:
+            x, y = self.finish_batch(x, y)
 
         def loss_of(trainable):
             probs, new_non_trainable = self.model.stateless_call(trainable, non_trainable, x, training=True)
@@ -128,9 +135,9 @@ class JaxEngine:
         return self._local_state
 
     def _inputs(self, *arrays):
-        """Training batches as device arrays: this process's batch is its part of the global
-        batch, split over the devices with a data-parallel layout; arrays already on the devices
-        pass unchanged."""
+        """Training batches (arrays, or dicts of them) as device arrays: this process's batch is
+        its part of the global batch, split over the devices with a data-parallel layout; arrays
+        already on the devices pass unchanged."""
         def place(a):
             if isinstance(a, jax.Array):
                 return a
@@ -139,7 +146,7 @@ class JaxEngine:
                 return jax.device_put(a)
             layout = self.distribution.get_data_layout(a.shape).backend_layout
             return jax.make_array_from_process_local_data(layout, a)
-        return [place(a) for a in arrays]
+        return [jax.tree.map(place, a) for a in arrays]
 
     def _whole_inputs(self, *arrays):
         """(device arrays, batch size): an evaluation or prediction batch on this process's

@@ -165,6 +165,7 @@ def _model_and_optimizer(args, task, data):
 def build(args, task, data, cluster):
     """Model, optimizer (built, so its state can be restored) and engine, on the cluster's devices."""
     loss_fn, metrics_fn = task.loss_and_metrics(data)
+    finish_batch = task.finish_train_batch()
     if args.backend == "jax":
         import keras
 
@@ -172,7 +173,8 @@ def build(args, task, data, cluster):
         distribution = keras.distribution.DataParallel() if cluster.num_replicas > 1 else None
         keras.distribution.set_distribution(distribution)
         model, optimizer = _model_and_optimizer(args, task, data)
-        return model, optimizer, JaxEngine(model, optimizer, loss_fn, metrics_fn, distribution)
+        engine = JaxEngine(model, optimizer, loss_fn, metrics_fn, distribution, finish_batch)
+        return model, optimizer, engine
 
     from runtime.tf_engine import TFEngine
     with cluster.strategy.scope():
@@ -180,7 +182,7 @@ def build(args, task, data, cluster):
     hvd = cluster.horovod
     all_reduce = (lambda grads: [hvd.allreduce(g) for g in grads]) if hvd else None
     engine = TFEngine(model, optimizer, loss_fn, metrics_fn, use_xla=args.use_xla,
-                      strategy=cluster.strategy, all_reduce=all_reduce)
+                      strategy=cluster.strategy, all_reduce=all_reduce, finish_batch=finish_batch)
     return model, optimizer, engine
 
 

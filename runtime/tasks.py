@@ -7,6 +7,17 @@ import os
 
 from common.errors import UserError
 
+GPU_CHANNEL_MULTIPLE = 8  # cuDNN's fast 3-D convolution kernels want 8 or more input channels
+
+
+def gpu_visible(backend):
+    """Whether `backend` ("jax" or "tensorflow") computes on a GPU."""
+    if backend == "jax":
+        import jax
+        return jax.default_backend() == "gpu"
+    from common.quiet_import import import_tensorflow
+    return bool(import_tensorflow().config.list_logical_devices("GPU"))
+
 
 class Task:
     """The flags of the run, and where the HPU (if any) wants prefetching and instance norm."""
@@ -46,15 +57,21 @@ class UNet3DTask(Task):
                          prefetch_device=self.prefetch_device)
 
     def model(self, data):
-        """The UNet3D of SPEC §1.4."""
+        """The UNet3D of SPEC §1.4; on a GPU its image convolution pads the 4 channels to 8."""
         from model.unet3d import build_unet3d
+        multiple = GPU_CHANNEL_MULTIPLE if gpu_visible(self.args.backend) else None
         return build_unet3d(in_channels=4, normalization=self.args.normalization, seed=self.args.seed,
-                            instance_norm=self.instance_norm)
+                            instance_norm=self.instance_norm, image_channel_multiple=multiple)
 
     def optimizer(self):
         """Adam(learning_rate)."""
         import keras
         return keras.optimizers.Adam(self.args.learning_rate)
+
+    def finish_train_batch(self):
+        """The device half of the training transform: every BraTS pipeline ships compact batches."""
+        from dataset.device_transform import finish_train_batch
+        return finish_train_batch
 
     def loss_and_metrics(self, data):
         """(loss_fn, metrics_fn) of SPEC §1.5."""
@@ -124,6 +141,10 @@ class VNetTask(Task):
         if a.optimizer == "adam":
             return keras.optimizers.Adam(a.base_lr, global_clipnorm=clip)
         return keras.optimizers.SGD(a.base_lr, momentum=a.momentum, global_clipnorm=clip)
+
+    def finish_train_batch(self):
+        """None: the MSD pipelines ship finished batches."""
+        return None
 
     def loss_and_metrics(self, data):
         """(the dice loss over every class, soft and hard dice per label)."""

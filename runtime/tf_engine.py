@@ -8,13 +8,18 @@ from common.quiet_import import import_tensorflow
 
 
 class TFEngine:
-    """Compiled steps of one model, optimizer, loss `(y, p) -> scalar` and metrics `(y, p) -> {name: (B,)}`."""
+    """Compiled steps of one model, optimizer, loss `(y, p) -> scalar` and metrics `(y, p) -> {name: (B,)}`.
+
+    `finish_batch(inputs, labels) -> (x, y)`, when given, turns a compact training batch into the
+    model's input and target inside the compiled step (dataset/device_transform.py).
+    """
 
     def __init__(self, model, optimizer, loss_fn, metrics_fn, use_xla=False, strategy=None,
-                 all_reduce=None):
+                 all_reduce=None, finish_batch=None):
         self.tf = tf = import_tensorflow()
         self.model, self.optimizer = model, optimizer
         self.loss_fn, self.metrics_fn = loss_fn, metrics_fn
+        self.finish_batch = finish_batch
         self.strategy = strategy or tf.distribute.get_strategy()
         self.all_reduce = all_reduce
         self._train = tf.function(self._replica_train_step, jit_compile=use_xla)
@@ -26,6 +31,8 @@ class TFEngine:
         replicas = self.strategy.num_replicas_in_sync
 
         def step(x, y):
+            if self.finish_batch is not None:
+                x, y = self.finish_batch(x, y)
             with tf.GradientTape() as tape:
                 probs = self.model(x, training=True)
                 loss = self.loss_fn(y, probs)

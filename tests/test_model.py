@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from model.layers import InstanceNormalization, UpConv2x
+from model.layers import ChannelPaddedConv3D, InstanceNormalization, UpConv2x
 from model.unet3d import build_unet3d
 from tests.conftest import ROOT
 
@@ -70,3 +70,27 @@ def test_model_package_does_not_import_tensorflow():
     found = subprocess.run(["grep", "-rn", "import tensorflow", os.path.join(ROOT, "model")],
                            capture_output=True, text=True)
     assert found.stdout == ""
+
+
+def test_padding_the_image_channels_keeps_the_function_and_its_gradients():
+    import tensorflow as tf
+    x = np.random.default_rng(2).normal(size=(2, 8, 8, 8, 4)).astype("float32")
+    plain = keras.layers.Conv3D(8, 3, strides=2, padding="same", bias_initializer="ones")
+    padded = ChannelPaddedConv3D(8, 3, strides=2, padding="same", channel_multiple=8)
+    plain.build(x.shape)
+    padded.build(x.shape)
+    padded.set_weights(plain.get_weights())
+    assert padded.kernel.shape == (3, 3, 3, 4, 8)  # the weights keep Conv3D's layout
+    grads = []
+    for layer in (plain, padded):
+        with tf.GradientTape() as tape:
+            out = layer(x)
+            loss = tf.reduce_sum(out * out)
+        grads.append((out.numpy(), tape.gradient(loss, layer.kernel).numpy()))
+    np.testing.assert_allclose(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-4)
+    a = build_unet3d(normalization="none", seed=3)
+    b = build_unet3d(normalization="none", seed=3, image_channel_multiple=8)
+    assert a.count_params() == b.count_params()
+    image = np.random.default_rng(3).normal(size=(1, 32, 32, 32, 4)).astype("float32")
+    np.testing.assert_allclose(a(image).numpy(), b(image).numpy(), atol=1e-5)

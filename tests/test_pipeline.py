@@ -5,6 +5,7 @@ import tensorflow as tf
 
 from dataset import transforms
 from dataset import windows
+from dataset.device_transform import finish_train_batch
 from dataset.data_loader import BratsData, SyntheticTFData, split_folds
 from dataset.synthetic import SyntheticData
 from dataset.phantom import write_brats_phantom
@@ -41,8 +42,13 @@ def small_dataset(root, n_files=5, per_file=2, shape=(40, 36, 33)):
     return str(root)
 
 
+def finished(batch):
+    """A compact training batch through the device transform, as NumPy (x, one-hot y)."""
+    return tuple(np.asarray(t) for t in finish_train_batch(*batch))
+
+
 def batches(dataset, n):
-    return [tuple(t.numpy() for t in b) for b in dataset.take(n)]
+    return [finished(b) for b in dataset.take(n)]
 
 
 def test_brats_shapes_from_reference_format_records(tmp_path):
@@ -54,10 +60,14 @@ def test_brats_shapes_from_reference_format_records(tmp_path):
     write_records(data / "volume-2.tfrecord", [random_volume(rng, (240, 240, 155)) for _ in range(3)], True)
     loader = BratsData(str(data), batch_size=2, fold=2, num_folds=3, seed=0)
     assert loader.volume_shape == (240, 240, 155) and loader.n_eval == 3
-    x, y = next(iter(loader.train_dataset()))
-    assert x.shape == (2, 128, 128, 128, 4) and x.dtype == tf.float32
+    inputs, labels = next(iter(loader.train_dataset()))  # compact: uint8 crops and labels
+    assert inputs["image"].shape == (2, 128, 128, 128, 4) and inputs["image"].dtype == tf.uint8
+    assert labels.shape == (2, 128, 128, 128) and labels.dtype == tf.uint8
+    assert inputs["flip"].shape == (2,) and inputs["factor"].shape == (2, 4)
+    x, y = finished((inputs, labels))
+    assert x.shape == (2, 128, 128, 128, 4) and x.dtype == np.float32
     assert y.shape == (2, 128, 128, 128, 4)
-    np.testing.assert_array_equal(tf.reduce_sum(y, -1).numpy(), 1.0)  # one-hot
+    np.testing.assert_array_equal(y.sum(-1), 1.0)  # one-hot
     evals = list(loader.eval_dataset())
     assert [b[0].shape[0] for b in evals] == [2, 1]  # every validation volume, last batch partial
     assert evals[0][0].shape == (2, 224, 224, 160, 4) and evals[0][1].shape == (2, 224, 224, 160, 4)
@@ -128,34 +138,61 @@ def test_random_crop_starts_are_uniform_in_range():
     assert starts == {(0, 0, 0), (1, 0, 0)}
 
 
-def test_random_flip_reverses_axis_1_of_both_half_the_time():
+def test_flip_and_brightness_are_drawn_half_the_time():
+    draws = [transforms.draw_augmentation(tf.constant([i, 1]), tf.constant([i, 2]), 4, True)
+             for i in range(100)]
+    flips = sum(bool(f) for f, _, _ in draws)
+    brightens = sum(bool(b) for _, b, _ in draws)
+    assert 30 < flips < 70 and 30 < brightens < 70
+    factors = np.stack([f.numpy() for _, _, f in draws])
+    assert np.all((factors >= 0.9) & (factors <= 1.1)) and len(np.unique(factors)) == factors.size
+    flip, brighten, _ = transforms.draw_augmentation(tf.constant([0, 1]), tf.constant([0, 2]), 4, False)
+    assert not flip and not brighten
+
+
+def test_device_transform_flips_zscores_and_brightens():
     x, y = hand_volume()
-    flips = 0
-    for i in range(100):
-        fx, fy = (t.numpy() for t in transforms.random_flip(tf.constant(x), tf.constant(y), tf.constant([i, 1])))
-        if np.array_equal(fx, x):
-            np.testing.assert_array_equal(fy, y)
-        else:
-            np.testing.assert_array_equal(fx, x[:, ::-1])
-            np.testing.assert_array_equal(fy, y[:, ::-1])
-            flips += 1
-    assert 30 < flips < 70
+    image = np.stack([x, x]).astype(np.uint8)
+    inputs = {"image": image, "mean": np.array([[3.0, 5.0]] * 2, np.float32),
+              "stdev": np.array([[2.0, 4.0]] * 2, np.float32), "flip": np.array([False, True]),
+              "brighten": np.array([True, False]), "factor": np.array([[0.95, 1.05]] * 2, np.float32)}
+    fx, fy = finished((inputs, np.stack([y, y])))
+    z = np.where(x > 0, (x - [3.0, 5.0]) / (np.array([2.0, 4.0]) + 1e-8), 0)
+    np.testing.assert_allclose(fx[0], np.where(z > 0, z + [0.95, 1.05], z), rtol=1e-6)
+    np.testing.assert_allclose(fx[1], z[:, ::-1], rtol=1e-6)
+    np.testing.assert_array_equal(fy[0].argmax(-1), y)
+    np.testing.assert_array_equal(fy[1].argmax(-1), y[:, ::-1])
 
 
-def test_random_brightness_adds_a_channel_factor_to_the_foreground():
-    x = np.zeros((4, 4, 4, 2), np.float32)
-    x[1:3, 1:3, 1:3] = [[2.0, -1.0]]  # some foreground, a negative (z-scored) voxel untouched
-    applied = 0
-    for i in range(60):
-        out = transforms.random_brightness(tf.constant(x), tf.constant([i, 2])).numpy()
-        if np.array_equal(out, x):
-            continue
-        applied += 1
-        added = out - x
-        assert np.all(added[x <= 0] == 0)
-        factor = added[1, 1, 1, 0]
-        assert 0.9 <= factor <= 1.1 and np.allclose(added[..., 0][x[..., 0] > 0], factor)
-    assert 15 < applied < 45
+def todays_train_transform(x, y, mean, stdev, seed, crop_shape):
+    """The training transform as it ran on the host before the device transform (augment on)."""
+    crop_seed, flip_seed, bright_seed = transforms._seeds(seed, 3)
+    x, y = transforms.random_crop(x, y, crop_shape, crop_seed)
+    flip = tf.random.stateless_uniform([], flip_seed) > 0.5
+    x = tf.cond(flip, lambda: tf.reverse(x, [1]), lambda: x)
+    y = tf.cond(flip, lambda: tf.reverse(y, [1]), lambda: y)
+    x = transforms.zscore(tf.cast(x, tf.float32), mean, stdev)
+    apply_seed, factor_seed = transforms._seeds(bright_seed, 2)
+    factor = tf.random.stateless_uniform([x.shape[-1]], factor_seed, minval=0.9, maxval=1.1)
+    apply = tf.random.stateless_uniform([], apply_seed) > 0.5
+    x = tf.cond(apply, lambda: tf.where(x > 0, x + factor, x), lambda: x)
+    return x, tf.one_hot(tf.cast(y, tf.int32), 4), bool(flip), bool(apply)
+
+
+def test_device_transform_gives_what_the_host_transform_gave():
+    x, y, mean, stdev = random_volume(np.random.default_rng(3), (40, 36, 33))
+    x, y, mean, stdev = tf.constant(x), tf.constant(y), tf.constant(mean), tf.constant(stdev)
+    seen = set()
+    for index in range(12):
+        seed = tf.constant([7, index], tf.int64)
+        old_x, old_y, flip, apply = todays_train_transform(x, y, mean, stdev, seed, (32, 32, 32))
+        inputs, labels = transforms.train_transform(x, y, mean, stdev, seed, (32, 32, 32), True)
+        batch = tf.nest.map_structure(lambda t: t[None], (inputs, labels))
+        new_x, new_y = finished(batch)
+        np.testing.assert_allclose(new_x[0], old_x.numpy(), rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(new_y[0], old_y.numpy())
+        seen.add((flip, apply))
+    assert seen == {(False, False), (False, True), (True, False), (True, True)}
 
 
 def test_zscore_and_eval_window():
@@ -176,16 +213,19 @@ def test_zscore_and_eval_window():
 
 def test_synthetic_data_is_deterministic_with_and_without_tensorflow():
     plain = SyntheticData(1, seed=4)
-    x, y = next(plain.train_dataset())
+    inputs, labels = next(plain.train_dataset())
+    assert inputs["image"].dtype == labels.dtype == np.uint8 and labels.shape == (1, 128, 128, 128)
+    x, y = finished((inputs, labels))
     assert x.shape == (1, 128, 128, 128, 4) and y.shape == (1, 128, 128, 128, 4) and x.dtype == np.float32
     np.testing.assert_array_equal(y.sum(-1), 1.0)
     stream = plain.train_dataset(start_step=1)
-    np.testing.assert_array_equal(next(stream)[0], batches(SyntheticTFData(1, seed=4).train_dataset(), 2)[1][0])
+    np.testing.assert_array_equal(finished(next(stream))[0],
+                                  batches(SyntheticTFData(1, seed=4).train_dataset(), 2)[1][0])
     (test,) = SyntheticTFData(2, seed=4).test_dataset()
     assert test.shape == (2, 64, 64, 64, 4) and float(tf.reduce_max(tf.abs(test))) <= 2.0
     (ex, ey), = SyntheticData(1, seed=4).eval_dataset()
     assert ex.shape == ey.shape == (1, 224, 224, 160, 4)
-    assert not np.array_equal(next(SyntheticData(1, seed=5).train_dataset())[0], x)
+    assert not np.array_equal(finished(next(SyntheticData(1, seed=5).train_dataset()))[0], x)
 
 
 def test_bad_data_folders(tmp_path):
@@ -207,7 +247,7 @@ def test_phantom_to_batches_end_to_end(tmp_path):
     preprocess(str(tmp_path / "nifti"), str(tmp_path / "records"), vol_per_file=1, single_data_dir=True,
                seed=0, workers=2)
     loader = BratsData(str(tmp_path / "records"), batch_size=2, fold=0, num_folds=5, seed=0)
-    x, y = next(iter(loader.train_dataset()))
+    x, y = finished(next(iter(loader.train_dataset())))
     assert x.shape == (2, 64, 64, 32, 4) and y.shape == (2, 64, 64, 32, 4)
     (ex, ey), = list(loader.eval_dataset())
     assert ex.shape == (1, 64, 64, 32, 4) and ey.numpy()[..., 1:].sum() > 0  # tumour in the window

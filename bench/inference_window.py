@@ -1,0 +1,58 @@
+"""Inference of the BraTS evaluation window on a GPU: UNet3D forward and argmax, batch 1.
+
+usage: KERAS_BACKEND=jax python bench/inference_window.py [--root DIR] [--dtype bf16] [--steps 30]
+Builds the tool's UNet3D as its task does (the tree at --root, default this one), compiles its
+inference (forward pass, argmax to int8) for a 224×224×160×4 window already on the device, and
+prints one JSON line: the median ms of `--steps` calls, each waited for, and volumes/s.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def main():
+    """Build, compile, time, print."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--window", type=int, nargs=3, default=(224, 224, 160))
+    args = parser.parse_args()
+    os.environ["KERAS_BACKEND"] = "jax"
+    sys.path.insert(0, os.path.abspath(args.root))
+    from runtime.xla_flags import prefer_channels_last_convolutions
+    prefer_channels_last_convolutions()
+    import jax
+    import keras
+    import numpy as np
+
+    from runtime.arguments import parse_args
+    from runtime.tasks import make_task
+
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16" if args.dtype == "bf16" else "float32")
+    model = make_task(parse_args(["--backend", "jax", "--synth_data", "--seed", "0"])).model(None)
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+
+    @jax.jit
+    def predict(trainable, non_trainable, x):
+        probs, _ = model.stateless_call(trainable, non_trainable, x, training=False)
+        return jax.numpy.argmax(probs, axis=-1).astype("int8")
+
+    x = jax.device_put(np.random.default_rng(0).normal(size=(1, *args.window, 4)).astype(np.float32))
+    for _ in range(3):
+        predict(trainable, non_trainable, x).block_until_ready()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        predict(trainable, non_trainable, x).block_until_ready()
+        times.append(1000 * (time.perf_counter() - start))
+    ms = float(np.median(times))
+    print(json.dumps({"root": args.root, "dtype": args.dtype, "window": list(args.window),
+                      "ms_median": ms, "vol_s": 1000 / ms}))
+
+
+if __name__ == "__main__":
+    main()
