@@ -61,6 +61,7 @@ class JaxEngine:
         self.loss_fn, self.metrics_fn = loss_fn, metrics_fn
         self.distribution = distribution
         self.state = None
+        self.weights_in_use = None
         self._train = jax.jit(self._train_step, donate_argnums=0)
         self._eval = jax.jit(self._eval_step)
         self._predict = jax.jit(self._predict_step)
@@ -78,7 +79,7 @@ class JaxEngine:
         return (trainable, non_trainable, opt_vars), loss
 
     def _forward(self, state, x):
-        trainable, non_trainable, _ = state
+        trainable, non_trainable = state[:2]
         probs, _ = self.model.stateless_call(trainable, non_trainable, x, training=False)
         return probs
 
@@ -153,6 +154,25 @@ class JaxEngine:
         """Argmax masks of a batch as int8 numpy (B, D, H, W)."""
         inputs, n = self._whole_inputs(x)
         return np.asarray(self._predict(self._current_state(), *inputs))[:n]
+
+    def compile(self, fn, donate=()):
+        """`fn(forward, *args)`, written with keras.ops, jitted: `forward(x)` is the model's
+        inference under the weights in use. Returns a callable of `*args`; the arguments at the
+        positions `donate` are donated (their buffers reused for the results)."""
+        jitted = jax.jit(lambda weights, *args: fn(lambda x: self._forward(weights, x), *args),
+                         donate_argnums=tuple(1 + i for i in donate))
+        return lambda *args: jitted(self.weights_in_use or self.snapshot(), *args)
+
+    def snapshot(self):
+        """The model's weights now, as a handle for `use_weights` (ensembles of checkpoints)."""
+        if self.state is not None:
+            return self.state[:2]
+        return ([v.value for v in self.model.trainable_variables],
+                [v.value for v in self.model.non_trainable_variables])
+
+    def use_weights(self, weights):
+        """Run the compiled inference functions with `weights` (a `snapshot()`) from now on."""
+        self.weights_in_use = weights
 
     def dump_compiled(self, out_dir, x, y):
         """Write the training step's StableHLO (as lowered) and its optimized HLO (as compiled)."""
