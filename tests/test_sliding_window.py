@@ -139,3 +139,68 @@ def test_window_starts_follow_nnunet():
     importance = gaussian_importance((8, 12, 16))
     np.testing.assert_allclose(importance, gaussian((8, 12, 16)), rtol=1e-6)
     assert importance.dtype == np.float32 and importance.min() >= 1e-3
+
+
+@pytest.fixture(scope="module")
+def trained_dirs(tmp_path_factory):
+    """Phantom records (one validation volume of 48×48×40) and three checkpoint folders: two
+    UNet3Ds of other seeds, and one of another network (batch normalization)."""
+    from model.unet3d import build_unet3d
+    from runtime import checkpoint
+    root = tmp_path_factory.mktemp("ensemble")
+    records = phantom_records(str(root), 3, (48, 48, 40), seed=4)
+    dirs = {}
+    for name, seed, norm in (("a", 1, "instancenorm"), ("b", 2, "instancenorm"), ("c", 1, "batchnorm")):
+        dirs[name] = str(root / name)
+        checkpoint.save(dirs[name], 5, build_unet3d(in_channels=4, normalization=norm, seed=seed))
+    return records, dirs, root
+
+
+def cli(records, root, *extra):
+    return ["--data_dir", records, "--num_folds", "3", "-d", "fp32", "--log_dir", str(root / "logs"),
+            "--sliding_window", *extra]
+
+
+def test_ensemble_of_two_checkpoints_is_the_mean_of_their_probabilities(trained_dirs):
+    from dataset.data_loader import BratsData
+    from main import main
+    records, dirs, root = trained_dirs
+    for name in ("a", "b"):
+        assert main(cli(records, root, "--exec_mode", "predict", "--model_dir", dirs[name],
+                        "--save_probabilities", "--output_dir", str(root / f"out_{name}"))) == 0
+    assert main(cli(records, root, "--exec_mode", "predict", "--model_dir", dirs["a"], dirs["b"],
+                    "--save_probabilities")) == 0
+    single = [np.load(root / f"out_{name}" / "vol_0.npz")["probabilities"].astype(np.float32)
+              for name in ("a", "b")]
+    ensemble = np.load(os.path.join(dirs["a"], "vol_0.npz"))["probabilities"]
+    assert ensemble.dtype == np.float16 and ensemble.shape == (48, 48, 40, 4)  # the whole grid
+    assert np.max(np.abs(ensemble - np.mean(single, axis=0))) <= 1e-3  # float16 files
+    assert not np.allclose(single[0], single[1], atol=1e-2)
+    mask = np.load(os.path.join(dirs["a"], "vol_0.npy"))
+    assert np.mean(mask == np.argmax(ensemble, axis=-1)) > 0.999
+    assert not [f for f in os.listdir(dirs["b"]) if f.startswith("vol_")]  # written once
+
+    # Evaluation scores the whole grid: the logged dice is the NumPy dice of the saved ensemble.
+    assert main(cli(records, root, "--exec_mode", "evaluate", "--model_dir", dirs["a"], dirs["b"])) == 0
+    import json
+    logged = [json.loads(line) for line in open(root / "logs" / "log.json")][-1]["data"]
+    (_, labels), = list(BratsData(records, 1, num_folds=3).eval_dataset(whole=True).as_numpy_iterator())
+    labels, predicted = labels[0][..., 1:], np.round(ensemble.astype(np.float32))[..., 1:]
+    dice = 2 * np.sum(labels * predicted, axis=(0, 1, 2)) / (labels.sum((0, 1, 2)) + predicted.sum((0, 1, 2)) + 1e-5)
+    np.testing.assert_allclose([logged["TumorCore"], logged["PeritumoralEdema"], logged["EnhancingTumor"]],
+                               dice, atol=1e-3)
+
+
+def test_bad_inference_flags_give_one_line_errors(trained_dirs, capsys):
+    from types import SimpleNamespace
+
+    from main import main
+    records, dirs, root = trained_dirs
+    assert_one_line_error(run_cli("--model", "vnet", "--exec_mode", "predict", "--sliding_window"),
+                          "--sliding_window")
+    for overlap in ("1.0", "-0.1"):
+        assert_one_line_error(run_cli("--exec_mode", "predict", "--overlap", overlap), "--overlap")
+    assert_one_line_error(run_cli("--exec_mode", "train", "--model_dir", "x", "y"), "--model_dir")
+    code = main(cli(records, root, "--exec_mode", "predict", "--model_dir", dirs["a"], dirs["c"]))
+    assert_one_line_error(SimpleNamespace(returncode=code, stderr=capsys.readouterr().err),
+                          f"--model_dir {dirs['c']}")
