@@ -11,7 +11,6 @@ maps (which depend on the volume's shape alone) are computed once per shape in N
 import itertools
 from dataclasses import dataclass
 
-import numpy as np
 from keras import ops
 
 from dataset.windows import gaussian_importance, importance_sum, window_grid
@@ -37,16 +36,14 @@ def window_probabilities(forward, x, tta=False):
     return total / len(MIRRORS)
 
 
-def accumulate_windows(forward, volume, sums, starts, scales, importance, tta=False):
+def accumulate_windows(forward, volume, sums, starts, importance, tta=False):
     """`sums` (1, D, H, W, classes) plus the importance-weighted probabilities of the windows of
-    `volume` (1, D, H, W, C) that start at `starts` (k, 3), window j counted `scales[j]` times
-    (1, or 0 for the filler of a last, partial batch). The window's size is the map's shape."""
+    `volume` (1, D, H, W, C) that start at `starts` (k, 3). The window's size is the map's shape."""
     window = tuple(importance.shape)
     corners = [[0, starts[j, 0], starts[j, 1], starts[j, 2], 0] for j in range(starts.shape[0])]
     crops = [ops.slice(volume, corner, (1,) + window + (volume.shape[-1],)) for corner in corners]
     probs = window_probabilities(forward, ops.concatenate(crops, axis=0), tta)
-    weights = ops.reshape(importance, (1,) + window + (1,)) * ops.reshape(scales, (-1, 1, 1, 1, 1))
-    weighted = probs * weights
+    weighted = probs * ops.reshape(importance, (1,) + window + (1,))
     size = (1,) + window + (sums.shape[-1],)
     for j, corner in enumerate(corners):
         sums = ops.slice_update(sums, corner, ops.slice(sums, corner, size) + weighted[j:j + 1])
@@ -67,7 +64,7 @@ def argmax_mask(probs):
 
 @dataclass
 class Layout:
-    """The sliding windows of one volume shape: the padded shape, the batches of (starts, scales),
+    """The sliding windows of one volume shape: the padded shape, the batches of window starts,
     the importance map and the summed maps over the volume's grid (device tensors)."""
     padded: tuple
     batches: list
@@ -93,8 +90,8 @@ class Inference:
         metrics_fn = engine.metrics_fn
         self._centred = engine.compile(lambda forward, x: window_probabilities(forward, x, tta))
         self._accumulate = engine.compile(
-            lambda forward, volume, sums, starts, scales, importance:
-                accumulate_windows(forward, volume, sums, starts, scales, importance, tta),
+            lambda forward, volume, sums, starts, importance:
+                accumulate_windows(forward, volume, sums, starts, importance, tta),
             donate=(1,))
         self._normalise = engine.compile(lambda forward, sums, weight_sum: normalise(sums, weight_sum))
         self._mask = engine.compile(lambda forward, probs: argmax_mask(probs))
@@ -104,7 +101,7 @@ class Inference:
     def probabilities(self, x, report=None):
         """Probabilities of a batch x (B, D, H, W, C): a device tensor (B, D, H, W, classes), float32,
         the mean over the ensemble's members."""
-        x = ops.convert_to_tensor(np.asarray(x))
+        x = ops.convert_to_tensor(x)
         total = None
         for member in self.members:
             if member is not None:
@@ -123,7 +120,7 @@ class Inference:
     def scores(self, x, y, report=None):
         """The metrics of a batch scored on the probabilities: {name: (B,) NumPy array}."""
         probs = self.probabilities(x, report)
-        scores = self._scores(ops.convert_to_tensor(np.asarray(y)), probs)
+        scores = self._scores(ops.convert_to_tensor(y), probs)
         return {key: ops.convert_to_numpy(value) for key, value in scores.items()}
 
     def _sliding(self, x, report):
@@ -136,8 +133,8 @@ class Inference:
                 volume = ops.pad(volume, [[0, 0]] + [[0, p - s] for p, s in zip(layout.padded, shape)]
                                  + [[0, 0]])
             sums = ops.zeros((1,) + layout.padded + (self.n_classes,), "float32")
-            for done, (starts, scales) in enumerate(layout.batches, start=1):
-                sums = self._accumulate(volume, sums, starts, scales, layout.importance)
+            for done, starts in enumerate(layout.batches, start=1):
+                sums = self._accumulate(volume, sums, starts, layout.importance)
                 if report is not None:
                     report(done, len(layout.batches))
             blended.append(self._normalise(sums, layout.weight_sum))
@@ -149,12 +146,9 @@ class Inference:
             importance = gaussian_importance(self.window)
             weight_sum = importance_sum(padded, self.window, starts, importance)
             weight_sum = weight_sum[:shape[0], :shape[1], :shape[2]][None, ..., None]
-            k, n = self.sw_batch_size, len(starts)
-            filler = -n % k
-            starts = np.concatenate([starts, np.repeat(starts[:1], filler, axis=0)])
-            scales = np.concatenate([np.ones(n, np.float32), np.zeros(filler, np.float32)])
-            batches = [(ops.convert_to_tensor(starts[i:i + k]), ops.convert_to_tensor(scales[i:i + k]))
-                       for i in range(0, n + filler, k)]
+            # A last, smaller batch costs one more compilation, not the network on filler windows.
+            k = self.sw_batch_size
+            batches = [ops.convert_to_tensor(starts[i:i + k]) for i in range(0, len(starts), k)]
             self._layouts[shape] = Layout(padded, batches, ops.convert_to_tensor(importance),
                                           ops.convert_to_tensor(weight_sum))
         return self._layouts[shape]

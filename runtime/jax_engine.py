@@ -121,6 +121,17 @@ class JaxEngine:
             return jax.device_put(a, self.distribution.get_data_layout(a.shape).backend_layout)
         return [place(a) for a in arrays]
 
+    def _replicated(self, *arrays):
+        """Arrays on the device, whole (on every device with several): for whole-volume inference."""
+        def place(a):
+            a = np.asarray(a)
+            if self.distribution is None:
+                return jax.device_put(a)
+            import keras
+            layout = keras.distribution.TensorLayout([None] * a.ndim, self.distribution.device_mesh)
+            return jax.device_put(a, layout.backend_layout)
+        return [place(a) for a in arrays]
+
     def _whole_inputs(self, *arrays):
         """(device arrays, batch size): an evaluation or prediction batch, its last example repeated
         up to a multiple of the device count so that the batch splits evenly over the devices."""
@@ -138,6 +149,17 @@ class JaxEngine:
         dataset = make_dataset()
         host = dataset.as_numpy_iterator() if hasattr(dataset, "as_numpy_iterator") else dataset
         return prefetch_to_device(host, self._inputs)
+
+    def prefetch(self, dataset):
+        """The batches of `dataset` (x, or tuples (x, y)) as device arrays, whole, each copied while
+        the batch before it is worked on (for `Inference`, which takes whole volumes)."""
+        host = dataset.as_numpy_iterator() if hasattr(dataset, "as_numpy_iterator") else dataset
+        batches = prefetch_to_device((b if isinstance(b, tuple) else (b,) for b in host), self._replicated)
+        try:
+            for batch in batches:
+                yield tuple(batch) if len(batch) > 1 else batch[0]
+        finally:
+            batches.close()
 
     def train_step(self, x, y):
         """One optimizer step on a batch; returns the loss (a device scalar, not synced)."""

@@ -53,6 +53,11 @@ class TFEngine:
             return make_dataset()
         return self.strategy.distribute_datasets_from_function(lambda context: make_dataset())
 
+    @staticmethod
+    def prefetch(dataset):
+        """`dataset` itself: tf.data pipelines prefetch on their own."""
+        return dataset
+
     def commit(self):
         """Nothing to do: the steps update the Keras variables themselves."""
 

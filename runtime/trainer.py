@@ -46,12 +46,16 @@ class Trainer:
         ensemble); otherwise of the engine's plain step."""
         self.hooks.begin("eval", total, 0)
         scores, count = {}, 0
-        for count, (x, y) in enumerate(dataset, start=1):
-            batch_scores = (self.engine.eval_step(x, y) if inference is None
-                            else inference.scores(x, y, self._windows_done("eval")))
-            for key, values in batch_scores.items():
-                scores.setdefault(key, []).append(values)
-            self.hooks.after_step("eval", count, int(x.shape[0]), None)
+        batches = dataset if inference is None else self.engine.prefetch(dataset)
+        try:
+            for count, (x, y) in enumerate(batches, start=1):
+                batch_scores = (self.engine.eval_step(x, y) if inference is None
+                                else inference.scores(x, y, self._windows_done("eval")))
+                for key, values in batch_scores.items():
+                    scores.setdefault(key, []).append(values)
+                self.hooks.after_step("eval", count, int(x.shape[0]), None)
+        finally:  # stop a prefetching reader now
+            getattr(batches, "close", lambda: None)()
         results = {key: float(np.mean(np.concatenate(v))) for key, v in scores.items()}
         self.hooks.end("eval", step, results)
         return results
@@ -67,20 +71,25 @@ class Trainer:
         self.hooks.begin("predict", total, 0)
         index = 0
         keep = save_probabilities and out_dir is not None
-        for step, x in enumerate(dataset, start=1):
-            if inference is None:
-                masks, probabilities = self.engine.predict_step(x), None
-            else:
-                masks, probabilities = inference.masks(x, self._windows_done("predict"), keep)
-            for i, mask in enumerate(masks):
-                if out_dir is not None:
-                    np.save(os.path.join(out_dir, f"{names[index]}.npy"), mask)
-                if probabilities is not None:
-                    np.savez(os.path.join(out_dir, f"{names[index]}.npz"), probabilities=probabilities[i])
-                if mask_fn is not None:
-                    mask_fn(index, mask)
-                index += 1
-            self.hooks.after_step("predict", step, int(masks.shape[0]), None)
+        batches = dataset if inference is None else self.engine.prefetch(dataset)
+        try:
+            for step, x in enumerate(batches, start=1):
+                if inference is None:
+                    masks, probabilities = self.engine.predict_step(x), None
+                else:
+                    masks, probabilities = inference.masks(x, self._windows_done("predict"), keep)
+                for i, mask in enumerate(masks):
+                    if out_dir is not None:
+                        np.save(os.path.join(out_dir, f"{names[index]}.npy"), mask)
+                    if probabilities is not None:
+                        np.savez(os.path.join(out_dir, f"{names[index]}.npz"),
+                                 probabilities=probabilities[i])
+                    if mask_fn is not None:
+                        mask_fn(index, mask)
+                    index += 1
+                self.hooks.after_step("predict", step, int(masks.shape[0]), None)
+        finally:  # stop a prefetching reader now
+            getattr(batches, "close", lambda: None)()
         self.hooks.end("predict", index, {})
         return index
 
