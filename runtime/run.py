@@ -115,7 +115,8 @@ def restore_for_inference(args, model, engine):
 def make_inference(args, data, engine, model, members):
     """The `Inference` of the flags (sliding windows, mirroring, an ensemble), or None when the
     plain centred-window steps serve: one model, no mirroring, no probabilities to save."""
-    if not (args.sliding_window or args.tta or members or args.save_probabilities):
+    saves = args.save_probabilities and args.exec_mode in PREDICTS
+    if not (args.sliding_window or args.tta or members or saves):
         return None
     from dataset.windows import sliding_window_shape
     from runtime.inference import Inference
@@ -243,15 +244,15 @@ def predict(args, task, data, trainer, inference=None):
     whole = args.sliding_window
     dataset = data.test_dataset(whole=True) if whole else data.test_dataset()
     names = task.mask_names(data, whole)
-    batch = 1 if whole else data.batch_size
     if args.benchmark:
-        repeats = max(1, math.ceil(2 * args.warmup_steps * batch / max(len(names), 1)))
+        per_step = 1 if whole else args.batch_size
+        repeats = max(1, math.ceil(2 * args.warmup_steps * per_step / max(len(names), 1)))
         repeated = (dataset.repeat(repeats) if hasattr(dataset, "repeat")
                     else itertools.chain.from_iterable(itertools.repeat(dataset, repeats)))
         return trainer.predict(repeated, inference=inference)
     out_dir = args.output_dir or args.model_dir
     mask_fn = task.nifti_writer(data, os.path.join(out_dir, "nifti")) if args.save_nifti else None
     count = trainer.predict(dataset, out_dir, names, mask_fn, inference, args.save_probabilities,
-                            total=math.ceil(len(names) / batch))
+                            total=math.ceil(len(names) / (1 if whole else data.batch_size)))
     print(f"wrote {count} masks to {out_dir}", flush=True)
     return count
