@@ -76,8 +76,8 @@ class Inference:
     """Class probabilities, masks and scores of batches, on an engine's compiled steps.
 
     `window` None: the batch's own window (the centred window of the pipelines), in one pass;
-    otherwise each volume is covered with sliding windows of that size, `overlap` of a window
-    apart at most, in batches of `sw_batch_size`. `tta` averages the 8 mirrorings. `members`, a
+    otherwise each volume is covered with sliding windows of that size, overlapping by at least
+    `overlap` of a window, in batches of `sw_batch_size`. `tta` averages the 8 mirrorings. `members`, a
     list of weight handles from `engine.snapshot()`, are averaged as an ensemble (None: the
     model's weights). `report(done, total)` is called after each batch of windows.
     """
@@ -125,9 +125,9 @@ class Inference:
 
     def _sliding(self, x, report):
         blended = []
+        shape = tuple(x.shape[1:4])
+        layout = self._layout(shape)
         for b in range(x.shape[0]):
-            shape = tuple(x.shape[1:4])
-            layout = self._layout(shape)
             volume = x[b:b + 1]
             if layout.padded != shape:
                 volume = ops.pad(volume, [[0, 0]] + [[0, p - s] for p, s in zip(layout.padded, shape)]
