@@ -118,21 +118,23 @@ class BratsData:
         ds = ds.map(transform, num_parallel_calls=AUTOTUNE)
         return self._finish(ds.batch(self.batch_size, drop_remainder=True))
 
-    def eval_dataset(self):
-        """Every validation volume once, as (x, one-hot y) windows, in batches."""
-        window = self.window
+    def eval_dataset(self, whole=False):
+        """Every validation volume once, as (x, one-hot y) windows, in batches; with `whole`, each
+        whole volume in a batch of its own."""
+        window = None if whole else self.window
         ds = tf.data.TFRecordDataset(self.eval_files).cache().map(self._parse, num_parallel_calls=AUTOTUNE)
         ds = ds.map(lambda x, y, m, s: transforms.eval_transform(x, y, m, s, window),
                     num_parallel_calls=AUTOTUNE)
-        return self._finish(ds.batch(self.batch_size))
+        return self._finish(ds.batch(1 if whole else self.batch_size))
 
-    def test_dataset(self):
-        """Every validation volume once, as image windows alone, in batches."""
-        window = self.window
+    def test_dataset(self, whole=False):
+        """Every validation volume once, as image windows alone, in batches; with `whole`, each
+        whole image in a batch of its own."""
+        window = None if whole else self.window
         ds = tf.data.TFRecordDataset(self.eval_files).map(self._parse, num_parallel_calls=AUTOTUNE)
         ds = ds.map(lambda x, y, m, s: transforms.test_transform(x, m, s, window),
                     num_parallel_calls=AUTOTUNE)
-        return self._finish(ds.batch(self.batch_size))
+        return self._finish(ds.batch(1 if whole else self.batch_size))
 
     def _finish(self, ds):
         return prefetch(ds, self.prefetch_device)
@@ -155,13 +157,13 @@ class SyntheticTFData(SyntheticData):
         """Endless compact synthetic training batches."""
         return self._as_dataset(lambda: super(SyntheticTFData, self).train_dataset(start_step))
 
-    def eval_dataset(self):
-        """The synthetic evaluation batch."""
-        return self._as_dataset(lambda: iter(super(SyntheticTFData, self).eval_dataset()))
+    def eval_dataset(self, whole=False):
+        """The synthetic evaluation batch (`whole`: the whole volume)."""
+        return self._as_dataset(lambda: iter(super(SyntheticTFData, self).eval_dataset(whole)))
 
-    def test_dataset(self):
-        """The synthetic test batch."""
-        return self._as_dataset(lambda: iter(super(SyntheticTFData, self).test_dataset()))
+    def test_dataset(self, whole=False):
+        """The synthetic test batch (`whole`: the whole volume)."""
+        return self._as_dataset(lambda: iter(super(SyntheticTFData, self).test_dataset(whole)))
 
 
 def prefetch(ds, device=None):

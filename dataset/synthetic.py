@@ -72,14 +72,18 @@ class SyntheticData:
 
         return stream()
 
-    def eval_dataset(self):
-        """The volume once through the evaluation transforms, as one batch."""
-        x = window_array(self.x.astype(np.float32), self.window)
-        y = window_array(np.eye(N_CLASSES, dtype=np.float32)[self.y], self.window)
+    def eval_dataset(self, whole=False):
+        """The volume once through the evaluation transforms, as one batch (`whole`: unwindowed)."""
+        x, y = self.x.astype(np.float32), np.eye(N_CLASSES, dtype=np.float32)[self.y]
+        if not whole:
+            x, y = window_array(x, self.window), window_array(y, self.window)
         return [(x[None], y[None])]
 
-    def test_dataset(self):
-        """One batch of truncated-normal (±2σ) 64³×4 images."""
+    def test_dataset(self, whole=False):
+        """One batch of truncated-normal (±2σ) 64³×4 images; with `whole`, the BraTS-sized volume
+        (240×240×155×4) alone, as a batch of one."""
+        if whole:
+            return [self.x.astype(np.float32)[None]]
         rng = np.random.default_rng([self.seed, 2])
         images = rng.standard_normal((self.batch_size,) + TEST_SHAPE + (N_MODALITIES,))
         while np.any(outside := np.abs(images) > 2.0):  # redraw the tails: a truncated normal

@@ -64,13 +64,17 @@ def fit_window(x, window):
 
 
 def eval_transform(x, y, mean, stdev, window):
-    """Window, cast, z-score and one-hot: one evaluation example (padded voxels have no class)."""
-    x = fit_window(zscore(tf.cast(x, tf.float32), mean, stdev), window)
-    y = fit_window(tf.one_hot(tf.cast(y, tf.int32), N_CLASSES), window)
-    return x, y
+    """Window, cast, z-score and one-hot: one evaluation example (padded voxels have no class).
+    With `window` None the whole volume is kept."""
+    x = zscore(tf.cast(x, tf.float32), mean, stdev)
+    y = tf.one_hot(tf.cast(y, tf.int32), N_CLASSES)
+    if window is None:
+        return x, y
+    return fit_window(x, window), fit_window(y, window)
 
 
 def test_transform(x, mean, stdev, window):
-    """Window, cast and z-score the image alone: one prediction input."""
-    return fit_window(zscore(tf.cast(x, tf.float32), mean, stdev), window)
+    """Window, cast and z-score the image alone: one prediction input (`window` None: whole)."""
+    x = zscore(tf.cast(x, tf.float32), mean, stdev)
+    return x if window is None else fit_window(x, window)
 

@@ -42,8 +42,12 @@ def _add_run_flags(parser):
                             "(default: %(default)s)")
     group.add_argument("--exec_mode", default="train_and_evaluate", choices=EXEC_MODES,
                        help="what to do (default: %(default)s)")
-    group.add_argument("--model_dir", default="./results",
-                       help="checkpoints and predictions go here (default: %(default)s)")
+    group.add_argument("--model_dir", nargs="+", default=["./results"],
+                       help="checkpoints and predictions go here (default: ./results); evaluate "
+                            "and predict take several, an ensemble averaging their probabilities")
+    group.add_argument("--output_dir", default=None,
+                       help="predict writes masks, probabilities and NIfTI files here (default: "
+                            "the first --model_dir)")
     group.add_argument("--log_dir", default="/tmp/unet3d_logs",
                        help="JSON-lines log (log.json) and TensorBoard files (default: %(default)s)")
     group.add_argument("--data_dir", default=None,
@@ -89,6 +93,33 @@ def _add_run_flags(parser):
     group.add_argument("--dump_config", default=None, metavar="DIR",
                        help="write the training step's graph and XLA HLO and a profiler trace of "
                             "three training steps into DIR, for performance debugging")
+
+
+def overlap_fraction(text):
+    """argparse type: a float in [0, 1)."""
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _add_inference_flags(parser):
+    group = parser.add_argument_group("inference (evaluate, predict)")
+    group.add_argument("--sliding_window", action="store_true",
+                       help="unet3d: predict and score each whole volume with overlapping windows "
+                            "of the training crop size, blended with a Gaussian (default: the "
+                            "reference's centred window)")
+    group.add_argument("--overlap", type=overlap_fraction, default=0.5,
+                       help="sliding windows overlap by at least this fraction of a window, in "
+                            "[0, 1) (default: %(default)s)")
+    group.add_argument("--sw_batch_size", type=positive_int, default=2,
+                       help="sliding windows run through the network together (default: %(default)s)")
+    group.add_argument("--tta", action="store_true",
+                       help="test-time augmentation: the mean of the probabilities of the 8 "
+                            "mirrorings of the three spatial axes")
+    group.add_argument("--save_probabilities", action="store_true",
+                       help="predict also writes each volume's class probabilities (float16, D×H×W×"
+                            "classes) as <mask name>.npz beside its mask")
 
 
 def _add_unet3d_flags(parser):
@@ -290,6 +321,7 @@ def build_parser():
         description="Train, evaluate and run 3-D segmentation networks: UNet3D on BraTS, "
                     "V-Net on Medical Segmentation Decathlon data.")
     _add_run_flags(parser)
+    _add_inference_flags(parser)
     _add_unet3d_flags(parser)
     _add_vnet_flags(parser)
     _add_precision_flags(parser)
@@ -299,6 +331,7 @@ def build_parser():
 def check_args(parser, args):
     """Cross-flag checks; a failure exits through `parser.error` with a one-line message."""
     apply_model_defaults(parser, args)
+    check_model_dirs(parser, args)
     args.backend = args.backend or os.environ.get("KERAS_BACKEND") or "tensorflow"
     if args.backend not in ("tensorflow", "jax"):
         parser.error(f"KERAS_BACKEND={args.backend}: this tool runs on tensorflow or jax")
@@ -323,6 +356,19 @@ def check_args(parser, args):
     if args.bf16_config_explicit and not os.path.isfile(args.bf16_config_path):
         parser.error(f"argument --bf16_config_path: {args.bf16_config_path} does not exist")
     return args
+
+
+def check_model_dirs(parser, args):
+    """One --model_dir to train; several (an ensemble) only to evaluate or predict. Keeps the first
+    in args.model_dir and every one in args.model_dirs."""
+    dirs = [args.model_dir] if isinstance(args.model_dir, str) else list(args.model_dir)
+    if len(dirs) > 1 and args.exec_mode.startswith("train"):
+        parser.error(f"argument --model_dir: --exec_mode {args.exec_mode} trains into one folder, "
+                     f"got {len(dirs)}; several (an ensemble) are for evaluate and predict")
+    if args.sliding_window and args.model == "vnet":
+        parser.error("argument --sliding_window: V-Net's inputs are resampled whole onto "
+                     "--input_shape; leave it out for --model vnet (--tta works for both)")
+    args.model_dirs, args.model_dir = dirs, dirs[0]
 
 
 def parse_args(argv=None):

@@ -4,6 +4,7 @@ The loops in runtime/trainer.py call, on every hook of a `Hooks` list:
   begin(mode, total_steps, first_step)   mode is "train", "eval" or "predict"
   after_step(mode, step, batch_size, loss)   loss is a float when the step was synced, else None
   end(mode, step, results)   results: the metrics of an evaluation, else {}
+  progress(mode, note)   work within a step (the sliding windows of a volume), as a short note
 """
 import json
 import math
@@ -26,6 +27,9 @@ class Hook:
     def end(self, mode, step, results):
         """Called after the last step of a mode."""
 
+    def progress(self, mode, note):
+        """Called during a long step with a note on how far it is."""
+
 
 class Hooks(Hook):
     """Calls every hook of a list in turn."""
@@ -44,6 +48,10 @@ class Hooks(Hook):
     def end(self, mode, step, results):
         for hook in self.hooks:
             hook.end(mode, step, results)
+
+    def progress(self, mode, note):
+        for hook in self.hooks:
+            hook.progress(mode, note)
 
 
 class Logger:
@@ -143,7 +151,7 @@ class BenchmarkHook(Hook):
 
 
 class ProgressHook(Hook):
-    """A progress bar with the latest loss, on a terminal only."""
+    """A progress bar with the latest loss (or the windows of the volume at hand), on a terminal only."""
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
@@ -158,6 +166,10 @@ class ProgressHook(Hook):
     def after_step(self, mode, step, batch_size, loss):
         if self.bar:
             self.bar.advance(note="" if loss is None else f"loss {loss:.4f}")
+
+    def progress(self, mode, note):
+        if self.bar:
+            self.bar.advance(0, note)
 
     def end(self, mode, step, results):
         if self.bar:

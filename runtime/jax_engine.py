@@ -73,6 +73,7 @@ class JaxEngine:
         local_mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("batch",))
         self._local_split = jax.sharding.NamedSharding(local_mesh, jax.sharding.PartitionSpec("batch"))
         self._local_copy = jax.sharding.NamedSharding(local_mesh, jax.sharding.PartitionSpec())
+        self.weights_in_use = None
         self._train = jax.jit(self._train_step, donate_argnums=0)
         self._eval = jax.jit(self._eval_step)
         self._predict = jax.jit(self._predict_step)
@@ -92,7 +93,7 @@ class JaxEngine:
         return (trainable, non_trainable, opt_vars), loss
 
     def _forward(self, state, x):
-        trainable, non_trainable, _ = state
+        trainable, non_trainable = state[:2]
         probs, _ = self.model.stateless_call(trainable, non_trainable, x, training=False)
         return probs
 
@@ -148,6 +149,17 @@ class JaxEngine:
             return jax.make_array_from_process_local_data(layout, a)
         return [jax.tree.map(place, a) for a in arrays]
 
+    def _replicated(self, *arrays):
+        """Arrays on the device, whole (on every device with several): for whole-volume inference."""
+        def place(a):
+            a = np.asarray(a)
+            if self.distribution is None:
+                return jax.device_put(a)
+            import keras
+            layout = keras.distribution.TensorLayout([None] * a.ndim, self.distribution.device_mesh)
+            return jax.device_put(a, layout.backend_layout)
+        return [place(a) for a in arrays]
+
     def _whole_inputs(self, *arrays):
         """(device arrays, batch size): an evaluation or prediction batch on this process's
         devices, its last example repeated up to a multiple of their count so that the batch
@@ -169,6 +181,17 @@ class JaxEngine:
         host = dataset.as_numpy_iterator() if hasattr(dataset, "as_numpy_iterator") else dataset
         return prefetch_to_device(host, self._inputs)
 
+    def prefetch(self, dataset):
+        """The batches of `dataset` (x, or tuples (x, y)) as device arrays, whole, each copied while
+        the batch before it is worked on (for `Inference`, which takes whole volumes)."""
+        host = dataset.as_numpy_iterator() if hasattr(dataset, "as_numpy_iterator") else dataset
+        batches = prefetch_to_device((b if isinstance(b, tuple) else (b,) for b in host), self._replicated)
+        try:
+            for batch in batches:
+                yield tuple(batch) if len(batch) > 1 else batch[0]
+        finally:
+            batches.close()
+
     def train_step(self, x, y):
         """One optimizer step on a batch; returns the loss (a device scalar, not synced)."""
         self.state, loss = self._train(self._current_state(), *self._inputs(x, y))
@@ -185,6 +208,25 @@ class JaxEngine:
         """Argmax masks of a batch as int8 numpy (B, D, H, W)."""
         inputs, n = self._whole_inputs(x)
         return np.asarray(self._predict(self._inference_state(), *inputs))[:n]
+
+    def compile(self, fn, donate=()):
+        """`fn(forward, *args)`, written with keras.ops, jitted: `forward(x)` is the model's
+        inference under the weights in use. Returns a callable of `*args`; the arguments at the
+        positions `donate` are donated (their buffers reused for the results)."""
+        jitted = jax.jit(lambda weights, *args: fn(lambda x: self._forward(weights, x), *args),
+                         donate_argnums=tuple(1 + i for i in donate))
+        return lambda *args: jitted(self.weights_in_use or self.snapshot(), *args)
+
+    def snapshot(self):
+        """The model's weights now, as a handle for `use_weights` (ensembles of checkpoints)."""
+        if self.state is not None:
+            return self.state[:2]
+        return ([v.value for v in self.model.trainable_variables],
+                [v.value for v in self.model.non_trainable_variables])
+
+    def use_weights(self, weights):
+        """Run the compiled inference functions with `weights` (a `snapshot()`) from now on."""
+        self.weights_in_use = weights
 
     def dump_compiled(self, out_dir, x, y):
         """Write the training step's StableHLO (as lowered) and its optimized HLO (as compiled)."""

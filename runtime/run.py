@@ -109,17 +109,49 @@ def restore_shared(cluster, path, model, optimizer=None):
     return step
 
 
-def restore_for_inference(args, model, cluster):
-    """Load the newest checkpoint of model_dir into `model`; returns its step. Several JAX
-    processes take process 0's."""
-    reads = cluster.is_chief or not cluster.broadcasts
-    found = checkpoint.latest_checkpoint(args.model_dir) if reads else None
-    if found is None and reads:
-        raise UserError(f"--model_dir {args.model_dir}: no checkpoint to {args.exec_mode.split('_')[-1]} "
-                        "with; train first (--exec_mode train) or point --model_dir at a trained run")
+def restore_for_inference(args, model, engine, cluster):
+    """Load the newest checkpoint of every --model_dir into `model`, in turn.
+
+    Returns (the first one's step, the members' weights from `engine.snapshot()` when several
+    form an ensemble, else None). A checkpoint that does not fit the first one's network is a
+    UserError naming its folder. Several JAX processes take process 0's checkpoint."""
     if cluster.broadcasts:
-        return restore_shared(cluster, found and found[1], model)
-    return checkpoint.restore(found[1], model)
+        found = checkpoint.latest_checkpoint(args.model_dir) if cluster.is_chief else None
+        if found is None and cluster.is_chief:
+            raise UserError(f"--model_dir {args.model_dir}: no checkpoint to "
+                            f"{args.exec_mode.split('_')[-1]} with; train first (--exec_mode train) "
+                            "or point --model_dir at a trained run")
+        return restore_shared(cluster, found and found[1], model), None
+    step, members = None, []
+    for model_dir in args.model_dirs:
+        found = checkpoint.latest_checkpoint(model_dir)
+        if found is None:
+            raise UserError(f"--model_dir {model_dir}: no checkpoint to {args.exec_mode.split('_')[-1]} "
+                            "with; train first (--exec_mode train) or point --model_dir at a trained run")
+        try:
+            restored = checkpoint.restore(found[1], model)
+        except UserError as err:
+            if not members:
+                raise
+            raise UserError(f"--model_dir {model_dir}: its checkpoint holds another network than the "
+                            f"one in --model_dir {args.model_dirs[0]}, so they cannot form an "
+                            f"ensemble ({err})") from None
+        step = restored if step is None else step
+        members.append(engine.snapshot())
+    return step, members if len(members) > 1 else None
+
+
+def make_inference(args, data, engine, model, members):
+    """The `Inference` of the flags (sliding windows, mirroring, an ensemble), or None when the
+    plain centred-window steps serve: one model, no mirroring, no probabilities to save."""
+    saves = args.save_probabilities and args.exec_mode in PREDICTS
+    if not (args.sliding_window or args.tta or members or saves):
+        return None
+    from dataset.windows import sliding_window_shape
+    from runtime.inference import Inference
+    window = sliding_window_shape(data.volume_shape) if args.sliding_window else None
+    return Inference(engine, int(model.output.shape[-1]), members=members, window=window,
+                     overlap=args.overlap, sw_batch_size=args.sw_batch_size, tta=args.tta)
 
 
 def start_step_for_training(args, model, optimizer, cluster):
@@ -192,6 +224,10 @@ def run(args):
     from runtime.precision import choose_dtype, local_device, set_policy
     tf, hpu = configure(args)
     cluster = make_cluster(args, tf)
+    whole_volume = args.sliding_window or args.tta or args.save_probabilities or len(args.model_dirs) > 1
+    if cluster.broadcasts and whole_volume and args.exec_mode not in ("train",):
+        raise UserError("--sliding_window, --tta, --save_probabilities and ensembles run in one "
+                        "process: train with several, then evaluate or predict with one")
     with cluster.failures():  # a lost peer: one line
         agree_on_a_seed(args, tf, cluster)
         # bf16 where the device runs it natively; on HPU the Habana bridge converts to bf16 itself
@@ -201,6 +237,8 @@ def run(args):
         writes = worker_dirs(args, cluster)
         if writes:
             writable_dir(args.model_dir, "--model_dir")
+            if args.output_dir and args.exec_mode in PREDICTS:
+                writable_dir(args.output_dir, "--output_dir")
         logger = Logger(writable_dir(args.log_dir, "--log_dir") if writes else None, enabled=writes)
         task = make_task(args, hpu)
         # One process feeds every local device on JAX: its batches hold batch_size per local device.
@@ -221,7 +259,7 @@ def run(args):
 
 def run_modes(args, task, data, cluster, model, optimizer, trainer):
     """Train, evaluate and predict as `args.exec_mode` asks; returns what each produced."""
-    results, step = {}, None
+    results, step, members = {}, None, None
     if args.exec_mode in TRAINS:
         first = 0 if args.benchmark else start_step_for_training(args, model, optimizer, cluster)
         if cluster.horovod:
@@ -234,27 +272,36 @@ def run_modes(args, task, data, cluster, model, optimizer, trainer):
                                             args.batch_size * cluster.num_replicas)
         step = max(first, last)
     elif (cluster.is_chief or cluster.broadcasts) and (not args.benchmark or args.exec_mode in EVALUATES):
-        step = restore_for_inference(args, model, cluster)
+        step, members = restore_for_inference(args, model, trainer.engine, cluster)
 
     if not cluster.is_chief:  # worker 0 alone evaluates and predicts
         return results
+    inference = make_inference(args, data, trainer.engine, model, members)
+    whole = args.sliding_window
     if args.exec_mode in EVALUATES:
-        results["eval"] = trainer.evaluate(data.eval_dataset(), step)
+        dataset = data.eval_dataset(whole=True) if whole else data.eval_dataset()
+        total = data.n_eval if whole else math.ceil(data.n_eval / data.batch_size)
+        results["eval"] = trainer.evaluate(dataset, step, inference, total)
     if args.exec_mode in PREDICTS:
-        results["predictions"] = predict(args, task, data, trainer)
+        results["predictions"] = predict(args, task, data, trainer, inference)
     return results
 
 
-def predict(args, task, data, trainer):
-    """A mask per prediction volume into model_dir (none when benchmarking); returns the count."""
-    dataset = data.test_dataset()
-    names = task.mask_names(data)
+def predict(args, task, data, trainer, inference=None):
+    """A mask per prediction volume into --output_dir or the first --model_dir (none when
+    benchmarking); returns the count."""
+    whole = args.sliding_window
+    dataset = data.test_dataset(whole=True) if whole else data.test_dataset()
+    names = task.mask_names(data, whole)
     if args.benchmark:
-        repeats = max(1, math.ceil(2 * args.warmup_steps * args.batch_size / max(len(names), 1)))
+        per_step = 1 if whole else args.batch_size
+        repeats = max(1, math.ceil(2 * args.warmup_steps * per_step / max(len(names), 1)))
         repeated = (dataset.repeat(repeats) if hasattr(dataset, "repeat")
                     else itertools.chain.from_iterable(itertools.repeat(dataset, repeats)))
-        return trainer.predict(repeated)
-    mask_fn = task.nifti_writer(data, os.path.join(args.model_dir, "nifti")) if args.save_nifti else None
-    count = trainer.predict(dataset, args.model_dir, names, mask_fn)
-    print(f"wrote {count} masks to {args.model_dir}", flush=True)
+        return trainer.predict(repeated, inference=inference)
+    out_dir = args.output_dir or args.model_dir
+    mask_fn = task.nifti_writer(data, os.path.join(out_dir, "nifti")) if args.save_nifti else None
+    count = trainer.predict(dataset, out_dir, names, mask_fn, inference, args.save_probabilities,
+                            total=math.ceil(len(names) / (1 if whole else data.batch_size)))
+    print(f"wrote {count} masks to {out_dir}", flush=True)
     return count

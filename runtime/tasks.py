@@ -85,9 +85,10 @@ class UNet3DTask(Task):
             return self.args.max_steps
         return max(1, self.args.max_steps // num_workers)
 
-    def mask_names(self, data):
-        """vol_<i> for the i-th prediction volume (a validation volume, or a synthetic test image)."""
-        return [f"vol_{i}" for i in range(data.n_test)]
+    def mask_names(self, data, whole=False):
+        """vol_<i> for the i-th prediction volume (a validation volume, or a synthetic test image;
+        `whole`: the whole volumes, of which synthetic data has one)."""
+        return [f"vol_{i}" for i in range(data.n_eval if whole else data.n_test)]
 
     def nifti_writer(self, data, out_dir):
         """Masks as <case>.nii.gz in BraTS labels on the case's grid."""
@@ -157,8 +158,8 @@ class VNetTask(Task):
             return 2 * self.args.warmup_steps
         return math.ceil(data.n_train / (self.args.batch_size * num_workers)) * self.args.train_epochs
 
-    def mask_names(self, data):
-        """The test images' names."""
+    def mask_names(self, data, whole=False):
+        """The test images' names (V-Net has no whole-volume inputs besides them)."""
         return data.test_names
 
     def nifti_writer(self, data, out_dir):

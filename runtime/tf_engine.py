@@ -22,6 +22,7 @@ class TFEngine:
         self.finish_batch = finish_batch
         self.strategy = strategy or tf.distribute.get_strategy()
         self.all_reduce = all_reduce
+        self.use_xla = use_xla
         self._train = tf.function(self._replica_train_step, jit_compile=use_xla)
         self._eval = tf.function(self._eval_step, jit_compile=use_xla, reduce_retracing=True)
         self._predict = tf.function(self._predict_step, jit_compile=use_xla, reduce_retracing=True)
@@ -59,6 +60,11 @@ class TFEngine:
             return make_dataset()
         return self.strategy.distribute_datasets_from_function(lambda context: make_dataset())
 
+    @staticmethod
+    def prefetch(dataset):
+        """`dataset` itself: tf.data pipelines prefetch on their own."""
+        return dataset
+
     def commit(self):
         """Nothing to do: the steps update the Keras variables themselves."""
 
@@ -73,6 +79,21 @@ class TFEngine:
     def predict_step(self, x):
         """Argmax masks of a batch as int8 numpy (B, D, H, W)."""
         return self._predict(x).numpy()
+
+    def compile(self, fn, donate=()):
+        """`fn(forward, *args)`, written with keras.ops, as a tf.function (XLA when asked):
+        `forward(x)` is the model's inference. `donate` is accepted for the engines' common
+        interface; TensorFlow manages the buffers itself."""
+        forward = lambda x: self.model(x, training=False)  # noqa: E731
+        return self.tf.function(lambda *args: fn(forward, *args), jit_compile=self.use_xla)
+
+    def snapshot(self):
+        """The model's weights now (NumPy copies), as a handle for `use_weights` (ensembles)."""
+        return self.model.get_weights()
+
+    def use_weights(self, weights):
+        """Load `weights` (a `snapshot()`) into the model."""
+        self.model.set_weights(weights)
 
     def dump_compiled(self, out_dir, x, y):
         """Write the training step's TensorFlow graph and its XLA HLO (compiled for the batch's shapes)."""

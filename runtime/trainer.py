@@ -39,33 +39,59 @@ class Trainer:
         self.hooks.end("train", step, {})
         return loss_value
 
-    def evaluate(self, dataset, step):
-        """Mean of each per-volume score over every volume of `dataset`."""
-        self.hooks.begin("eval", None, 0)
+    def evaluate(self, dataset, step, inference=None, total=None):
+        """Mean of each per-volume score over every volume of `dataset` (`total` batches, if known).
+
+        With an `Inference` the scores are of its probabilities (sliding windows, mirroring, an
+        ensemble); otherwise of the engine's plain step."""
+        self.hooks.begin("eval", total, 0)
         scores, count = {}, 0
-        for count, (x, y) in enumerate(dataset, start=1):
-            for key, values in self.engine.eval_step(x, y).items():
-                scores.setdefault(key, []).append(values)
-            self.hooks.after_step("eval", count, int(x.shape[0]), None)
+        batches = dataset if inference is None else self.engine.prefetch(dataset)
+        try:
+            for count, (x, y) in enumerate(batches, start=1):
+                batch_scores = (self.engine.eval_step(x, y) if inference is None
+                                else inference.scores(x, y, self._windows_done("eval")))
+                for key, values in batch_scores.items():
+                    scores.setdefault(key, []).append(values)
+                self.hooks.after_step("eval", count, int(x.shape[0]), None)
+        finally:  # stop a prefetching reader now
+            getattr(batches, "close", lambda: None)()
         results = {key: float(np.mean(np.concatenate(v))) for key, v in scores.items()}
         self.hooks.end("eval", step, results)
         return results
 
-    def predict(self, dataset, out_dir=None, names=None, mask_fn=None):
+    def predict(self, dataset, out_dir=None, names=None, mask_fn=None, inference=None,
+                save_probabilities=False, total=None):
         """Argmax masks of every volume; mask i is saved as out_dir/<names[i]>.npy unless out_dir is None.
 
-        `mask_fn(i, mask)` is called for every mask as well (extra formats). Returns the count.
+        `mask_fn(i, mask)` is called for every mask as well (extra formats). With an `Inference`
+        the masks are of its probabilities, which `save_probabilities` also writes (float16) as
+        out_dir/<names[i]>.npz. `total` is the number of batches, if known. Returns the count.
         """
-        self.hooks.begin("predict", None, 0)
+        self.hooks.begin("predict", total, 0)
         index = 0
-        for step, x in enumerate(dataset, start=1):
-            masks = self.engine.predict_step(x)
-            for mask in masks:
-                if out_dir is not None:
-                    np.save(os.path.join(out_dir, f"{names[index]}.npy"), mask)
-                if mask_fn is not None:
-                    mask_fn(index, mask)
-                index += 1
-            self.hooks.after_step("predict", step, int(masks.shape[0]), None)
+        keep = save_probabilities and out_dir is not None
+        batches = dataset if inference is None else self.engine.prefetch(dataset)
+        try:
+            for step, x in enumerate(batches, start=1):
+                if inference is None:
+                    masks, probabilities = self.engine.predict_step(x), None
+                else:
+                    masks, probabilities = inference.masks(x, self._windows_done("predict"), keep)
+                for i, mask in enumerate(masks):
+                    if out_dir is not None:
+                        np.save(os.path.join(out_dir, f"{names[index]}.npy"), mask)
+                    if probabilities is not None:
+                        np.savez(os.path.join(out_dir, f"{names[index]}.npz"),
+                                 probabilities=probabilities[i])
+                    if mask_fn is not None:
+                        mask_fn(index, mask)
+                    index += 1
+                self.hooks.after_step("predict", step, int(masks.shape[0]), None)
+        finally:  # stop a prefetching reader now
+            getattr(batches, "close", lambda: None)()
         self.hooks.end("predict", index, {})
         return index
+
+    def _windows_done(self, mode):
+        return lambda done, total: self.hooks.progress(mode, f"windows {done}/{total}")
