@@ -55,12 +55,13 @@ def assert_matches_single_worker(records, tmp_path, out):
     # Same batches and the same mean gradient: only the order of float32 sums differs (the
     # all-reduce adds two half-batch gradients, the single worker sums one batch of two), which
     # changes a gradient by ~1e-7 of its size. Adam divides each gradient by its own running size,
-    # so for a weight whose gradient is near 0 that rounding can change the step by up to the
-    # learning rate (2e-4): the bound for any one weight is half a step, 1e-4. For the network as
-    # a whole the mean difference must stay at rounding level, far below one step.
+    # so for a weight whose gradient is near 0 that rounding can turn the step around: Adam moves a
+    # weight by about one learning rate (2e-4) a step at most, so two runs can part by twice that a
+    # step, 1.2e-3 after 3 steps (CI saw 1.1e-4 on 4 of 1.8 million weights). That is the bound for
+    # any one weight; for the network as a whole the mean difference must stay at rounding level.
     diffs = []
     for a, b in zip(ws, w0):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(a, b, rtol=0, atol=2 * 2e-4 * 3)
         diffs.append(np.abs(a - b).ravel())
     assert np.concatenate(diffs).mean() < 1e-7
 
