@@ -39,7 +39,7 @@ def assert_one_line_error(result, text):
     assert len(lines) == 1 and text in lines[0], result.stderr
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def same_volume_records(tmp_path_factory):
     """Six record files holding one and the same 32³ volume: with no augmentation every batch of
     every worker is then that volume, whatever the sharding and shuffling, so two workers of batch

@@ -7,9 +7,15 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from runtime import checkpoint
 from tests.conftest import ROOT, free_ports
+
+# The tests that launch several processes run on one test worker (pytest -n 2 --dist loadgroup), one
+# after another: their reference runs (session fixtures) are then made once, and two launches of
+# several processes do not share the 2 cores of a CI machine.
+pytestmark = pytest.mark.xdist_group("processes")
 
 MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
 
@@ -40,17 +46,23 @@ def weights(model_dir):
         return step, [data[k] for k in sorted(data.files) if k != "step"]
 
 
-def assert_matches_single_worker(records, tmp_path, out):
-    single = tmp_path / "single"
-    result = subprocess.run([sys.executable, *train_flags(records, single, 2, 3)], cwd=ROOT,
+@pytest.fixture(scope="session")
+def single_worker(same_volume_records, tmp_path_factory):
+    """(step, weights) of one worker after 3 steps of batch 2."""
+    single = tmp_path_factory.mktemp("single")
+    result = subprocess.run([sys.executable, *train_flags(same_volume_records, single, 2, 3)], cwd=ROOT,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
+    return weights(str(single / "model"))
+
+
+def assert_matches_single_worker(single_worker, out):
     step0, w0 = weights(str(out / "model" / "worker_0"))
     step1, w1 = weights(str(out / "model" / "worker_1"))
     assert step0 == step1 == 3  # max_steps 6 divided among 2 workers
     for a, b in zip(w0, w1):  # the replicas are mirrored: bit for bit the same
         np.testing.assert_array_equal(a, b)
-    step, ws = weights(str(single / "model"))
+    step, ws = single_worker
     assert step == 3
     # Same batches and the same mean gradient: only the order of float32 sums differs (the
     # all-reduce adds two half-batch gradients, the single worker sums one batch of two), which
@@ -66,7 +78,7 @@ def assert_matches_single_worker(records, tmp_path, out):
     assert np.concatenate(diffs).mean() < 1e-7
 
 
-def test_two_workers_with_tf_config(same_volume_records, tmp_path):
+def test_two_workers_with_tf_config(same_volume_records, single_worker, tmp_path):
     out = tmp_path / "tfconfig"
     procs = launch_tf_config(same_volume_records, out, extra=("--log_all_workers",))
     for proc in procs:
@@ -74,10 +86,10 @@ def test_two_workers_with_tf_config(same_volume_records, tmp_path):
         assert proc.returncode == 0, stderr
     logs = [json.loads(line) for line in open(out / "logs" / "worker_0" / "log.json")]
     assert [e["step"] for e in logs if e["type"] == "train"] == [1, 2, 3]
-    assert_matches_single_worker(same_volume_records, tmp_path, out)
+    assert_matches_single_worker(single_worker, out)
 
 
-def test_two_workers_with_mpirun(same_volume_records, tmp_path):
+def test_two_workers_with_mpirun(same_volume_records, single_worker, tmp_path):
     out = tmp_path / "mpi"
     env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
     env.pop("TF_CONFIG", None)
@@ -85,7 +97,7 @@ def test_two_workers_with_mpirun(same_volume_records, tmp_path):
                              *train_flags(same_volume_records, out, 1, 6, "--log_all_workers")],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_matches_single_worker(same_volume_records, tmp_path, out)
+    assert_matches_single_worker(single_worker, out)
 
 
 def test_a_dead_worker_stops_the_others(same_volume_records, tmp_path):

@@ -1,6 +1,6 @@
-"""The JAX backend on CPU: the same tool on phantom data, the same numbers as TensorFlow, and a
-synthetic benchmark in a virtual environment without TensorFlow."""
-import json
+"""The JAX backend on CPU: the same numbers as TensorFlow, a synthetic benchmark in a virtual
+environment without TensorFlow, the copy-ahead to the device and XLA's layout flag. (Training,
+evaluation and prediction on two devices and in two processes: test_jax_distributed.py.)"""
 import os
 import subprocess
 import sys
@@ -15,42 +15,9 @@ from model.losses import get_loss
 from model.unet3d import build_unet3d
 from runtime.jax_engine import prefetch_to_device
 from runtime.xla_flags import prefer_channels_last_convolutions
-from tests.conftest import ROOT, phantom_records
+from tests.conftest import ROOT
 
 JAX_ENV = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
-
-
-@pytest.fixture(scope="module")
-def records(tmp_path_factory):
-    return phantom_records(str(tmp_path_factory.mktemp("phantom")), 4, (40, 40, 36), seed=6)
-
-
-def run_main(*argv, env=JAX_ENV):
-    result = subprocess.run([sys.executable, "main.py", *argv], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def test_train_evaluate_predict_on_two_devices(records, tmp_path):
-    # Two CPU devices stand in for two GPUs: they share each batch, and the single validation
-    # volume (a batch that cannot be split in two) is still evaluated and predicted.
-    env = {**JAX_ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    common = ["--data_dir", records, "--num_folds", "4", "--batch_size", "1", "-d", "fp32", "--seed", "1",
-              "--log_every", "1", "--model_dir", str(tmp_path / "m"), "--log_dir", str(tmp_path / "l")]
-    run_main(*common, "--exec_mode", "train_and_evaluate", "--max_steps", "4", env=env)
-    run_main(*common, "--exec_mode", "predict", env=env)
-    log = [json.loads(line) for line in open(tmp_path / "l" / "log.json")]
-    train = [e for e in log if e["type"] == "train"]
-    assert [e["step"] for e in train] == [1, 2]  # the samples of 4 steps, 2 per step
-    assert all(np.isfinite(e["data"]["loss"]) for e in train)
-    (evaluation,) = [e["data"] for e in log if e["type"] == "eval"]
-    assert set(evaluation) == {"TumorCore", "PeritumoralEdema", "EnhancingTumor", "MeanDice", "WholeTumor"}
-    assert all(0 <= v <= 1 for v in evaluation.values())
-    assert [f for f in os.listdir(tmp_path / "m") if f.endswith(".npy")] == ["vol_0.npy"]
-    mask = np.load(tmp_path / "m" / "vol_0.npy")
-    assert mask.shape == (32, 32, 32) and mask.dtype == np.int8
-    assert os.path.exists(tmp_path / "m" / "checkpoints" / "ckpt-2.npz")
 
 
 JAX_GRADIENTS = """
@@ -66,7 +33,7 @@ loss_fn = get_loss("dice+ce")
 def loss_of(trainable):
     probs, _ = model.stateless_call(trainable, [v.value for v in model.non_trainable_variables], data["x"])
     return loss_fn(data["y"], probs)
-loss, grads = jax.value_and_grad(loss_of)([v.value for v in model.trainable_variables])
+loss, grads = jax.jit(jax.value_and_grad(loss_of))([v.value for v in model.trainable_variables])
 np.savez(sys.argv[2], loss=np.asarray(loss), **{f"g{i}": np.asarray(g) for i, g in enumerate(grads)})
 """
 

@@ -1,5 +1,5 @@
-"""Several JAX processes on localhost (CPU devices, gloo collectives): mpirun, the coordinator
-flags, and a lost process."""
+"""The JAX backend on several CPU devices: one process with two, and two processes on localhost
+(gloo collectives) under mpirun and with the coordinator flags, and a lost process."""
 import json
 import os
 import signal
@@ -14,10 +14,15 @@ from runtime import checkpoint
 from runtime.cluster import JAX_HEARTBEAT_TIMEOUT_S
 from tests.conftest import ROOT, assert_one_line_error, free_ports, run_cli
 
+# The tests that launch several processes run on one test worker (pytest -n 2 --dist loadgroup), one
+# after another: their reference runs (session fixtures) are then made once, and two launches of
+# several processes do not share the 2 cores of a CI machine.
+pytestmark = pytest.mark.xdist_group("processes")
+
 MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def jax_env(tmp_path_factory):
     """JAX on CPU, with a compilation cache that the runs of two processes share: each run after
     the first loads the compiled training step instead of compiling it again."""
@@ -40,15 +45,29 @@ def weights(model_dir):
     return step, arrays
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def two_devices(same_volume_records, jax_env, tmp_path_factory):
-    """(step, weights) after 4 steps of one process with two CPU devices."""
+    """The output folder of 4 training steps and an evaluation by one process with two CPU devices
+    (two stand-ins for two GPUs, which share each batch). With six folds the validation set is a
+    single volume, a batch that cannot be split in two; the training batches are those of three
+    folds, since every record file holds the same volume."""
     out = tmp_path_factory.mktemp("two_devices")
     env = {**jax_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    result = subprocess.run([sys.executable, *jax_flags(same_volume_records, out)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, *jax_flags(same_volume_records, out, 8, "--num_folds", "6",
+                                                        mode="train_and_evaluate")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    return weights(out / "model")
+    return out
+
+
+def test_one_process_with_two_devices_trains_and_evaluates(two_devices):
+    log = [json.loads(line) for line in open(two_devices / "logs" / "log.json")]
+    train = [e for e in log if e["type"] == "train"]
+    assert [e["step"] for e in train] == [1, 2, 3, 4]  # the samples of 8 steps, 2 per step
+    assert all(np.isfinite(e["data"]["loss"]) for e in train)
+    (evaluation,) = [e["data"] for e in log if e["type"] == "eval"]
+    assert set(evaluation) == {"TumorCore", "PeritumoralEdema", "EnhancingTumor", "MeanDice", "WholeTumor"}
+    assert all(0 <= v <= 1 for v in evaluation.values())
 
 
 def assert_same_as_two_devices(out, two_devices):
@@ -56,7 +75,7 @@ def assert_same_as_two_devices(out, two_devices):
     (to 1e-5), after 4 steps."""
     step0, w0 = weights(out / "model" / "worker_0")
     step1, w1 = weights(out / "model" / "worker_1")
-    step, reference = two_devices
+    step, reference = weights(two_devices / "model")
     assert step0 == step1 == step == 4
     for a, b in zip(w0, w1):
         np.testing.assert_array_equal(a, b)
@@ -72,11 +91,18 @@ def log_of(out, worker):
 def test_two_processes_under_mpirun(same_volume_records, jax_env, two_devices, tmp_path):
     env = {**jax_env, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
     result = subprocess.run([MPIRUN, "-np", "2", "--oversubscribe", sys.executable,
-                             *jax_flags(same_volume_records, tmp_path, 8, "--log_all_workers")],
+                             *jax_flags(same_volume_records, tmp_path, 8, "--log_all_workers",
+                                        mode="train_and_predict")],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_as_two_devices(tmp_path, two_devices)
     assert [e["step"] for e in log_of(tmp_path, 0) if e["type"] == "train"] == [1, 2, 3, 4]
+    # Process 0 alone predicts the two validation volumes (fold 0 of 3), on its own device.
+    masks = {w: sorted(f for f in os.listdir(tmp_path / "model" / f"worker_{w}") if f.endswith(".npy"))
+             for w in (0, 1)}
+    assert masks == {0: ["vol_0.npy", "vol_1.npy"], 1: []}
+    mask = np.load(tmp_path / "model" / "worker_0" / "vol_0.npy")
+    assert mask.shape == (32, 32, 32) and mask.dtype == np.int8
 
 
 def launch(env, records, out, max_steps, *extra, mode="train"):
