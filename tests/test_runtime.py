@@ -143,10 +143,20 @@ def test_sigkill_while_saving_resumes_from_the_last_whole_checkpoint(records, tm
     assert steps[-1] == whole[0] + 1 and checkpoint.latest_checkpoint(str(tmp_path / "run" / "model"))[0] == whole[0] + 1
 
 
-def test_bad_input_gives_one_line_errors(records, tmp_path):
+def assert_main_fails_in_one_line(capsys, argv, text):
+    """main(argv), run in this process, returns 1 after one stderr line that holds `text`."""
+    capsys.readouterr()
+    assert main(argv) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and text in lines[0], lines
+
+
+def test_bad_input_gives_one_line_errors(records, tmp_path, capsys):
+    # In this process (main() is what the command line calls); the last two cases run the real
+    # command, to see its exit code and stderr as a user does.
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_one_line_error(run_cli(*flags(str(empty), tmp_path, "--exec_mode", "train")), str(empty))
+    assert_main_fails_in_one_line(capsys, flags(str(empty), tmp_path, "--exec_mode", "train"), str(empty))
 
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
@@ -154,19 +164,20 @@ def test_bad_input_gives_one_line_errors(records, tmp_path):
         (corrupt / name).write_bytes(open(os.path.join(records, name), "rb").read())
     bad = corrupt / sorted(os.listdir(corrupt))[0]
     bad.write_bytes(bad.read_bytes()[:-100])
-    assert_one_line_error(run_cli(*flags(str(corrupt), tmp_path, "--exec_mode", "train")), str(bad))
+    assert_main_fails_in_one_line(capsys, flags(str(corrupt), tmp_path, "--exec_mode", "train",
+                                                name="corrupt_run"), str(bad))
 
     for mode in ("evaluate", "predict"):
-        assert_one_line_error(run_cli(*flags(records, tmp_path, "--exec_mode", mode, name="fresh")),
-                              "no checkpoint")
+        assert_main_fails_in_one_line(capsys, flags(records, tmp_path, "--exec_mode", mode, name="fresh"),
+                                      "no checkpoint")
 
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    result = run_cli(*flags(records, tmp_path, "--exec_mode", "train"), "--model_dir", str(blocker / "m"))
-    assert_one_line_error(result, "not writable")
+    assert_main_fails_in_one_line(capsys, flags(records, tmp_path, "--exec_mode", "train") +
+                                  ["--model_dir", str(blocker / "m")], "not writable")
 
-    assert_one_line_error(run_cli(*flags(records, tmp_path, "--exec_mode", "train"), "--num_folds", "8",
-                                  "--fold", "7"), "no validation files")
+    assert_main_fails_in_one_line(capsys, flags(records, tmp_path, "--exec_mode", "train") +
+                                  ["--num_folds", "8", "--fold", "7"], "no validation files")
 
     one = tmp_path / "one"  # one record file and the default five folds: fold 0 has nothing to train
     one.mkdir()
