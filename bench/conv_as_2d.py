@@ -15,7 +15,6 @@ relative to conv3d's largest value.
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from runtime.xla_flags import prefer_channels_last_convolutions  # noqa: E402
@@ -24,8 +23,9 @@ prefer_channels_last_convolutions()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
+
+from bench.conv_roofline import median_ms  # noqa: E402
 
 # (batch, edge, c_in, c_out): the 3×3×3 'same' convolutions of stride 1 at the 128³, 64³ and 32³ levels.
 SHAPES = ((2, 128, 32, 32), (2, 128, 64, 32), (2, 64, 64, 64), (2, 64, 128, 64), (2, 32, 128, 128))
@@ -73,18 +73,6 @@ def sum3(x, w):
 VARIANTS = {"conv3d": conv3d, "fold_in": fold_in, "fold_out": fold_out, "sum3": sum3}
 
 
-def median_seconds(fn, args, reps):
-    """Median wall time of `reps` calls of the jitted `fn`, after two warm-up calls."""
-    for _ in range(2):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=20)
@@ -100,12 +88,12 @@ def main():
         for name, variant in VARIANTS.items():
             error = float(jnp.max(jnp.abs(variant(x, w).astype(jnp.float32) - reference))
                           / jnp.max(jnp.abs(reference)))
-            forward = median_seconds(jax.jit(variant), (x, w), args.reps)
+            forward = median_ms(jax.jit(variant), x, w, reps=args.reps)
             loss = lambda x, w, g, f=variant: jnp.sum(f(x, w).astype(jnp.float32) * g.astype(jnp.float32))  # noqa: E731
-            grads = median_seconds(jax.jit(jax.grad(loss, argnums=(0, 1))), (x, w, g), args.reps)
-            print(f"{n}x{edge}^3 {c_in:>3}->{c_out:<3} {name:8s} forward {forward * 1e3:6.3f} ms "
-                  f"({flop / forward / 1e12:5.1f} TFLOP/s)  gradients {grads * 1e3:6.3f} ms "
-                  f"({2 * flop / grads / 1e12:5.1f} TFLOP/s)  difference {error:.1e}", flush=True)
+            grads = median_ms(jax.jit(jax.grad(loss, argnums=(0, 1))), x, w, g, reps=args.reps)
+            print(f"{n}x{edge}^3 {c_in:>3}->{c_out:<3} {name:8s} forward {forward:6.3f} ms "
+                  f"({flop / forward / 1e9:5.1f} TFLOP/s)  gradients {grads:6.3f} ms "
+                  f"({2 * flop / grads / 1e9:5.1f} TFLOP/s)  difference {error:.1e}", flush=True)
 
 
 if __name__ == "__main__":
