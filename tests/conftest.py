@@ -31,6 +31,17 @@ def run_cli(*argv, timeout=300, env=None):
                           timeout=timeout, env=env)
 
 
+def main_here(capsys, *argv):
+    """main.py's main() with `argv` in this process (faster than a subprocess: TensorFlow is
+    already imported); a CompletedProcess of its exit code and captured output, as run_cli's."""
+    import subprocess
+    from main import main
+    capsys.readouterr()
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(["main.py", *argv], code, captured.out, captured.err)
+
+
 def assert_one_line_error(result, text):
     """The run failed with a single stderr line that holds `text`, and no traceback."""
     assert result.returncode != 0

@@ -49,8 +49,8 @@ def weights(model_dir):
 def two_devices(same_volume_records, jax_env, tmp_path_factory):
     """The output folder of 4 training steps and an evaluation by one process with two CPU devices
     (two stand-ins for two GPUs, which share each batch). With six folds the validation set is a
-    single volume, a batch that cannot be split in two; the training batches are those of three
-    folds, since every record file holds the same volume."""
+    single volume, a batch that cannot be split in two. Every record file holds the same volume, so
+    the training batches are those of the processes' runs with three folds."""
     out = tmp_path_factory.mktemp("two_devices")
     env = {**jax_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     result = subprocess.run([sys.executable, *jax_flags(same_volume_records, out, 8, "--num_folds", "6",

@@ -13,7 +13,7 @@ from main import main
 from runtime import checkpoint
 from common.errors import UserError
 from runtime.hooks import benchmark_stats
-from tests.conftest import ROOT, assert_one_line_error, phantom_records, run_cli
+from tests.conftest import ROOT, assert_one_line_error, main_here, phantom_records, run_cli
 
 METRICS = {"TumorCore", "PeritumoralEdema", "EnhancingTumor", "MeanDice", "WholeTumor"}
 
@@ -143,20 +143,12 @@ def test_sigkill_while_saving_resumes_from_the_last_whole_checkpoint(records, tm
     assert steps[-1] == whole[0] + 1 and checkpoint.latest_checkpoint(str(tmp_path / "run" / "model"))[0] == whole[0] + 1
 
 
-def assert_main_fails_in_one_line(capsys, argv, text):
-    """main(argv), run in this process, returns 1 after one stderr line that holds `text`."""
-    capsys.readouterr()
-    assert main(argv) == 1
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and text in lines[0], lines
-
-
 def test_bad_input_gives_one_line_errors(records, tmp_path, capsys):
     # In this process (main() is what the command line calls); the last two cases run the real
     # command, to see its exit code and stderr as a user does.
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_main_fails_in_one_line(capsys, flags(str(empty), tmp_path, "--exec_mode", "train"), str(empty))
+    assert_one_line_error(main_here(capsys, *flags(str(empty), tmp_path, "--exec_mode", "train")), str(empty))
 
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
@@ -164,20 +156,20 @@ def test_bad_input_gives_one_line_errors(records, tmp_path, capsys):
         (corrupt / name).write_bytes(open(os.path.join(records, name), "rb").read())
     bad = corrupt / sorted(os.listdir(corrupt))[0]
     bad.write_bytes(bad.read_bytes()[:-100])
-    assert_main_fails_in_one_line(capsys, flags(str(corrupt), tmp_path, "--exec_mode", "train",
-                                                name="corrupt_run"), str(bad))
+    assert_one_line_error(main_here(capsys, *flags(str(corrupt), tmp_path, "--exec_mode", "train",
+                                                   name="corrupt_run")), str(bad))
 
     for mode in ("evaluate", "predict"):
-        assert_main_fails_in_one_line(capsys, flags(records, tmp_path, "--exec_mode", mode, name="fresh"),
-                                      "no checkpoint")
+        assert_one_line_error(main_here(capsys, *flags(records, tmp_path, "--exec_mode", mode, name="fresh")),
+                              "no checkpoint")
 
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    assert_main_fails_in_one_line(capsys, flags(records, tmp_path, "--exec_mode", "train") +
-                                  ["--model_dir", str(blocker / "m")], "not writable")
+    assert_one_line_error(main_here(capsys, *flags(records, tmp_path, "--exec_mode", "train"),
+                                    "--model_dir", str(blocker / "m")), "not writable")
 
-    assert_main_fails_in_one_line(capsys, flags(records, tmp_path, "--exec_mode", "train") +
-                                  ["--num_folds", "8", "--fold", "7"], "no validation files")
+    assert_one_line_error(main_here(capsys, *flags(records, tmp_path, "--exec_mode", "train"),
+                                    "--num_folds", "8", "--fold", "7"), "no validation files")
 
     one = tmp_path / "one"  # one record file and the default five folds: fold 0 has nothing to train
     one.mkdir()
