@@ -70,12 +70,15 @@ def assert_matches_single_worker(single_worker, out):
     # so for a weight whose gradient is near 0 that rounding can turn the step around: Adam moves a
     # weight by about one learning rate (2e-4) a step at most, so two runs can part by twice that a
     # step, 1.2e-3 after 3 steps (CI saw 1.1e-4 on 4 of 1.8 million weights). That is the bound for
-    # any one weight; for the network as a whole the mean difference must stay at rounding level.
+    # any one weight. For the network as a whole (weights and Adam's slots) the mean difference
+    # stays far below a step: 6.9e-7 seen on a loaded 2-core machine. Adam moves most weights by
+    # close to the learning rate each step, so a worker that trained on other batches or skipped
+    # the all-reduce would part them by far more than 1e-5 on average.
     diffs = []
     for a, b in zip(ws, w0):
         np.testing.assert_allclose(a, b, rtol=0, atol=2 * 2e-4 * 3)
         diffs.append(np.abs(a - b).ravel())
-    assert np.concatenate(diffs).mean() < 1e-7
+    assert np.concatenate(diffs).mean() < 1e-5
 
 
 def test_two_workers_with_tf_config(same_volume_records, single_worker, tmp_path):
