@@ -86,23 +86,16 @@ def main():
             if i < 3:
                 _report(f"Pallas data gradient {spec}",
                         lambda w, g, o=options: pallas_conv3d.data_grad(g, w, **o), (w, g), ref_dx, flop, args.reps)
-        for spec in args.wgrad:
-            block, warps, stages, taps = (int(v) for v in spec.split(","))
-            options = dict(block_m=block, num_warps=warps, num_stages=stages, taps=taps)
-            _report(f"Pallas weight gradient {spec}",
-                    lambda x, g, o=options: pallas_conv3d.weight_grad(x, g, **o), (x, g), ref_dw, flop, args.reps)
-        for spec in args.gathered:
-            block, warps, stages, taps = (int(v) for v in spec.split(","))
-            options = dict(block_m=block, num_warps=warps, num_stages=stages, taps=taps)
-            _report(f"Pallas gathered forward {spec}",
-                    lambda x, w, o=options: pallas_conv3d.gathered_forward(x, w, **o), (x, w), ref_fwd, flop, args.reps)
-        for spec in args.gathered_wgrad:
-            block, warps, stages, taps = (int(v) for v in spec.split(","))
-            options = dict(block_m=block, num_warps=warps, num_stages=stages, taps=taps)
-            _report(f"Pallas gathered weight gradient {spec}",
-                    lambda x, g, o=options: pallas_conv3d.gathered_weight_grad(x, g, **o), (x, g), ref_dw, flop,
-                    args.reps)
-
+        runs = [("weight gradient", pallas_conv3d.weight_grad, args.wgrad, (x, g), ref_dw),
+                ("gathered forward", pallas_conv3d.gathered_forward, args.gathered, (x, w), ref_fwd),
+                ("gathered weight gradient", pallas_conv3d.gathered_weight_grad, args.gathered_wgrad, (x, g),
+                 ref_dw)]
+        for name, kernel, specs, operands, reference in runs:
+            for spec in specs:
+                block, warps, stages, taps = (int(v) for v in spec.split(","))
+                options = dict(block_m=block, num_warps=warps, num_stages=stages, taps=taps)
+                _report(f"Pallas {name} {spec}", lambda a, b, k=kernel, o=options: k(a, b, **o), operands,
+                        reference, flop, args.reps)
 
 if __name__ == "__main__":
     main()

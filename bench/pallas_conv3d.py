@@ -37,6 +37,22 @@ def _block_size(plane, block_m):
     return block_m
 
 
+def _per_plane_blocks(body, x, kernel, c_out, block_m, num_warps, num_stages, interpret):
+    """Run a forward-type kernel `body` on a grid of (depth plane, block of block_m voxels), each
+    program writing its block of the (N, D, H, W, c_out) output."""
+    n, depth, height, width, _ = x.shape
+    plane = height * width
+    out = pl.pallas_call(
+        body,
+        out_shape=jax.ShapeDtypeStruct((n * depth, plane, c_out), x.dtype),
+        grid=(n * depth, plane // block_m),
+        out_specs=pl.BlockSpec((None, block_m, c_out), lambda p, b: (p, b, 0)),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+    )(_with_halo(x, bool(interpret)), kernel)
+    return out.reshape(n, depth, height, width, c_out)
+
+
 def _tap(tap, d, h, w, depth, height, width):
     """(input depth, row offset, mask) of kernel tap `tap` (0..26) for the voxels (d, h[i], w[i])."""
     if isinstance(tap, int):
@@ -76,21 +92,13 @@ def forward(x, kernel, *, block_m=256, num_warps=4, num_stages=1, loop=False, in
     The product runs in the dtype of `x` with float32 sums; the result has the dtype of `x`.
     With `loop`, the 27 taps are a loop Triton can pipeline (`num_stages`) instead of unrolled.
     """
-    n, depth, height, width, c_in = x.shape
+    _, depth, height, width, c_in = x.shape
     c_out = kernel.shape[-1]
-    plane = height * width
-    block_m = _block_size(plane, block_m)
+    block_m = _block_size(height * width, block_m)
     body = functools.partial(_forward_kernel, depth=depth, height=height, width=width, block_m=block_m,
                              halo=bool(interpret), loop=loop)
-    out = pl.pallas_call(
-        body,
-        out_shape=jax.ShapeDtypeStruct((n * depth, plane, c_out), x.dtype),
-        grid=(n * depth, plane // block_m),
-        out_specs=pl.BlockSpec((None, block_m, c_out), lambda p, b: (p, b, 0)),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-    )(_with_halo(x, bool(interpret)), kernel.astype(x.dtype).reshape(27, c_in, c_out))
-    return out.reshape(n, depth, height, width, c_out)
+    return _per_plane_blocks(body, x, kernel.astype(x.dtype).reshape(27, c_in, c_out), c_out, block_m,
+                             num_warps, num_stages, interpret)
 
 
 def _weight_grad_kernel(x_ref, g_ref, o_ref, *, depth, height, width, block_m, halo):
@@ -179,21 +187,13 @@ def _gathered_forward_kernel(x_ref, w_ref, o_ref, *, depth, height, width, block
 def gathered_forward(x, kernel, *, block_m=128, taps=4, num_warps=4, num_stages=2, interpret=False):
     """`forward` with `taps` kernel taps gathered into one (block_m, taps·c_in) operand per product
     (a power of two; the last group is padded with masked taps)."""
-    n, depth, height, width, c_in = x.shape
+    _, depth, height, width, _ = x.shape
     c_out = kernel.shape[-1]
-    plane = height * width
-    block_m = _block_size(plane, block_m)
+    block_m = _block_size(height * width, block_m)
     body = functools.partial(_gathered_forward_kernel, depth=depth, height=height, width=width,
                              block_m=block_m, taps=taps, halo=bool(interpret))
-    out = pl.pallas_call(
-        body,
-        out_shape=jax.ShapeDtypeStruct((n * depth, plane, c_out), x.dtype),
-        grid=(n * depth, plane // block_m),
-        out_specs=pl.BlockSpec((None, block_m, c_out), lambda p, b: (p, b, 0)),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-    )(_with_halo(x, bool(interpret)), _grouped_kernel(kernel.astype(x.dtype), taps))
-    return out.reshape(n, depth, height, width, c_out)
+    return _per_plane_blocks(body, x, _grouped_kernel(kernel.astype(x.dtype), taps), c_out, block_m,
+                             num_warps, num_stages, interpret)
 
 
 def _gathered_weight_grad_kernel(x_ref, g_ref, o_ref, *, depth, height, width, block_m, taps, halo):
