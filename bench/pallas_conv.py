@@ -29,15 +29,15 @@ def _error(value, reference):
 
 
 def _report(label, fn, args, reference, flop, reps):
+    compiled = jax.jit(fn)
     try:
-        value = jax.jit(fn)(*args)
-        ms = median_ms(jax.jit(fn), *args, reps=reps)
+        value = compiled(*args)
+        ms = median_ms(compiled, *args, reps=reps)
     except Exception as error:  # a configuration Triton cannot compile is reported, not fatal
         print(f"  {label:34s} failed: {str(error).splitlines()[0][:150]}", flush=True)
-        return None
+        return
     print(f"  {label:34s} {ms:7.3f} ms {flop / ms / 1e9:6.1f} TFLOP/s  difference {_error(value, reference):.1e}",
           flush=True)
-    return ms
 
 
 def main():
@@ -49,6 +49,8 @@ def main():
         "256,8,1,0", "128,8,1,0", "128,4,2,1", "128,4,3,1", "128,8,2,1", "128,8,3,1", "256,4,2,1",
         "256,4,3,1", "256,8,2,1", "256,8,3,1", "64,4,3,1", "64,4,4,1"],
                         help="forward configurations block_m,num_warps,num_stages,loop")
+    parser.add_argument("--data_grad", nargs="*", default=["256,8,1,0", "128,8,1,0", "128,4,2,1"],
+                        help="data-gradient configurations, as --forward")
     parser.add_argument("--wgrad", nargs="*", default=[
         "128,4,1,9", "64,4,2,9", "64,4,1,3", "64,4,2,3", "128,4,1,3", "128,4,2,3", "128,8,2,3",
         "64,4,2,1", "128,4,3,1", "64,8,1,27"],
@@ -78,24 +80,20 @@ def main():
                 flop, args.reps)
         _report("XLA weight gradient", lambda x, g: jax.vjp(lambda w_: conv(x, w_), w)[1](g)[0], (x, g), ref_dw,
                 flop, args.reps)
-        for i, spec in enumerate(args.forward):
-            block, warps, stages, loop = (int(v) for v in spec.split(","))
-            options = dict(block_m=block, num_warps=warps, num_stages=stages, loop=bool(loop))
-            _report(f"Pallas forward {spec}", lambda x, w, o=options: pallas_conv3d.forward(x, w, **o),
-                    (x, w), ref_fwd, flop, args.reps)
-            if i < 3:
-                _report(f"Pallas data gradient {spec}",
-                        lambda w, g, o=options: pallas_conv3d.data_grad(g, w, **o), (w, g), ref_dx, flop, args.reps)
-        runs = [("weight gradient", pallas_conv3d.weight_grad, args.wgrad, (x, g), ref_dw),
-                ("gathered forward", pallas_conv3d.gathered_forward, args.gathered, (x, w), ref_fwd),
-                ("gathered weight gradient", pallas_conv3d.gathered_weight_grad, args.gathered_wgrad, (x, g),
-                 ref_dw)]
-        for name, kernel, specs, operands, reference in runs:
+        runs = [("forward", pallas_conv3d.forward, args.forward, "loop", (x, w), ref_fwd),
+                ("data gradient", lambda w, g, **o: pallas_conv3d.data_grad(g, w, **o), args.data_grad, "loop",
+                 (w, g), ref_dx),
+                ("weight gradient", pallas_conv3d.weight_grad, args.wgrad, "taps", (x, g), ref_dw),
+                ("gathered forward", pallas_conv3d.gathered_forward, args.gathered, "taps", (x, w), ref_fwd),
+                ("gathered weight gradient", pallas_conv3d.gathered_weight_grad, args.gathered_wgrad, "taps",
+                 (x, g), ref_dw)]
+        for name, kernel, specs, last, operands, reference in runs:
             for spec in specs:
-                block, warps, stages, taps = (int(v) for v in spec.split(","))
-                options = dict(block_m=block, num_warps=warps, num_stages=stages, taps=taps)
+                block, warps, stages, value = (int(v) for v in spec.split(","))
+                options = dict(block_m=block, num_warps=warps, num_stages=stages, **{last: value})
                 _report(f"Pallas {name} {spec}", lambda a, b, k=kernel, o=options: k(a, b, **o), operands,
                         reference, flop, args.reps)
+
 
 if __name__ == "__main__":
     main()

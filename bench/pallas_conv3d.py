@@ -53,12 +53,28 @@ def _per_plane_blocks(body, x, kernel, c_out, block_m, num_warps, num_stages, in
     return out.reshape(n, depth, height, width, c_out)
 
 
+def _per_plane_sums(body, x, grad, taps, block_m, num_warps, num_stages, interpret):
+    """Run a weight-gradient kernel `body` on a grid of (group of `taps` taps, depth plane), each
+    program writing its plane's (taps·c_in, c_out) sums, and add the planes: (3, 3, 3, c_in, c_out)."""
+    n, depth, height, width, c_in = x.shape
+    c_out = grad.shape[-1]
+    groups = -(-27 // taps)
+    partial = pl.pallas_call(
+        body,
+        out_shape=jax.ShapeDtypeStruct((groups, n * depth, taps * c_in, c_out), jnp.float32),
+        grid=(groups, n * depth),
+        out_specs=pl.BlockSpec((None, None, taps * c_in, c_out), lambda g, p: (g, p, 0, 0)),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+    )(_with_halo(x, bool(interpret)), grad.astype(x.dtype).reshape(n, depth, height * width, c_out))
+    flat = partial.sum(axis=1).reshape(groups * taps, c_in, c_out)[:27]
+    return flat.reshape(3, 3, 3, c_in, c_out)
+
+
 def _tap(tap, d, h, w, depth, height, width):
     """(input depth, row offset, mask) of kernel tap `tap` (0..26) for the voxels (d, h[i], w[i])."""
-    if isinstance(tap, int):
-        kd, kh, kw = tap // 9, tap // 3 % 3, tap % 3
-    else:  # a loop index: lax's division (jnp's floor division does not lower to Triton here)
-        kd, kh, kw = jax.lax.div(tap, 9), jax.lax.rem(jax.lax.div(tap, 3), 3), jax.lax.rem(tap, 3)
+    # lax's division: jnp's floor division of a scalar loop index does not lower to Triton here
+    kd, kh, kw = jax.lax.div(tap, 9), jax.lax.rem(jax.lax.div(tap, 3), 3), jax.lax.rem(tap, 3)
     dd, hh, ww = d + kd - 1, h + kh - 1, w + kw - 1
     ok = (dd >= 0) & (dd < depth) & (hh >= 0) & (hh < height) & (ww >= 0) & (ww < width)
     return jnp.clip(dd, 0, depth - 1), (kh - 1) * width + kw - 1, ok
@@ -101,11 +117,10 @@ def forward(x, kernel, *, block_m=256, num_warps=4, num_stages=1, loop=False, in
                              num_warps, num_stages, interpret)
 
 
-def _weight_grad_kernel(x_ref, g_ref, o_ref, *, depth, height, width, block_m, halo):
+def _weight_grad_kernel(x_ref, g_ref, o_ref, *, depth, height, width, block_m, taps, halo):
     group, plane = pl.program_id(0), pl.program_id(1)
     n, d = plane // depth, plane % depth
-    taps = o_ref.shape[0]
-    c_in, c_out = o_ref.shape[-2:]
+    c_in, c_out = x_ref.shape[-1], o_ref.shape[-1]
 
     def step(block, sums):
         m0 = pl.multiple_of(block * block_m, block_m)
@@ -123,27 +138,17 @@ def _weight_grad_kernel(x_ref, g_ref, o_ref, *, depth, height, width, block_m, h
     zeros = tuple(jnp.zeros((c_in, c_out), jnp.float32) for _ in range(taps))
     sums = jax.lax.fori_loop(0, height * width // block_m, step, zeros)
     for j in range(taps):
-        o_ref[j] = sums[j]
+        o_ref[pl.ds(j * c_in, c_in), :] = sums[j]
 
 
 def weight_grad(x, grad, *, block_m=128, taps=9, num_warps=4, num_stages=1, interpret=False):
     """The gradient of `forward`'s kernel, (3, 3, 3, c_in, c_out) float32, from x and the output
-    gradient. A program sums `taps` (1, 3, 9 or 27) taps over one depth plane; XLA adds the planes."""
-    n, depth, height, width, c_in = x.shape
-    c_out = grad.shape[-1]
-    plane = height * width
-    block_m = _block_size(plane, block_m)
+    gradient. A program sums `taps` taps over one depth plane; XLA adds the planes."""
+    _, depth, height, width, _ = x.shape
+    block_m = _block_size(height * width, block_m)
     body = functools.partial(_weight_grad_kernel, depth=depth, height=height, width=width,
-                             block_m=block_m, halo=bool(interpret))
-    partial = pl.pallas_call(
-        body,
-        out_shape=jax.ShapeDtypeStruct((27 // taps, n * depth, taps, c_in, c_out), jnp.float32),
-        grid=(27 // taps, n * depth),
-        out_specs=pl.BlockSpec((None, None, taps, c_in, c_out), lambda g, p: (g, p, 0, 0, 0)),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-    )(_with_halo(x, bool(interpret)), grad.astype(x.dtype).reshape(n, depth, plane, c_out))
-    return partial.sum(axis=1).reshape(3, 3, 3, c_in, c_out)
+                             block_m=block_m, taps=taps, halo=bool(interpret))
+    return _per_plane_sums(body, x, grad, taps, block_m, num_warps, num_stages, interpret)
 
 
 def _tap_group(group, taps, d, m, depth, height, width, c):
@@ -159,6 +164,13 @@ def _tap_group(group, taps, d, m, depth, height, width, c):
     return jnp.clip(dd, 0, depth - 1)[None, :], rows, jnp.broadcast_to((k % c)[None, :], rows.shape), ok
 
 
+def _load_tap_group(x_ref, n, group, taps, d, m, depth, height, width, halo):
+    """The (block_m, taps·c) operand of `_tap_group`'s taps read from volume `n`, zero where masked."""
+    dd, rows, cols, ok = _tap_group(group, taps, d, m, depth, height, width, x_ref.shape[-1])
+    index = (jnp.full(rows.shape, n), jnp.broadcast_to(dd, rows.shape), rows + (width + 1 if halo else 0), cols)
+    return plgpu.load(x_ref.at[index], mask=ok, other=0)
+
+
 def _grouped_kernel(kernel, taps):
     """(3, 3, 3, c_in, c_out) as (groups, taps·c_in, c_out), zero rows past the 27th tap."""
     c_in, c_out = kernel.shape[-2:]
@@ -170,14 +182,10 @@ def _grouped_kernel(kernel, taps):
 def _gathered_forward_kernel(x_ref, w_ref, o_ref, *, depth, height, width, block_m, taps, halo):
     plane, block = pl.program_id(0), pl.program_id(1)
     n, d = plane // depth, plane % depth
-    c = x_ref.shape[-1]
     m = block * block_m + jnp.arange(block_m)
 
     def add_group(group, acc):
-        dd, rows, cols, ok = _tap_group(group, taps, d, m, depth, height, width, c)
-        ns = jnp.full(rows.shape, n)
-        operand = plgpu.load(x_ref.at[ns, jnp.broadcast_to(dd, rows.shape), rows + (width + 1 if halo else 0), cols],
-                             mask=ok, other=0)
+        operand = _load_tap_group(x_ref, n, group, taps, d, m, depth, height, width, halo)
         return acc + jnp.dot(operand, w_ref[group], preferred_element_type=jnp.float32)
 
     acc = jax.lax.fori_loop(0, w_ref.shape[0], add_group, jnp.zeros((block_m, o_ref.shape[-1]), jnp.float32))
@@ -199,15 +207,11 @@ def gathered_forward(x, kernel, *, block_m=128, taps=4, num_warps=4, num_stages=
 def _gathered_weight_grad_kernel(x_ref, g_ref, o_ref, *, depth, height, width, block_m, taps, halo):
     group, plane = pl.program_id(0), pl.program_id(1)
     n, d = plane // depth, plane % depth
-    c = x_ref.shape[-1]
 
     def step(block, acc):
         m0 = pl.multiple_of(block * block_m, block_m)
         m = m0 + jnp.arange(block_m)
-        dd, rows, cols, ok = _tap_group(group, taps, d, m, depth, height, width, c)
-        ns = jnp.full(rows.shape, n)
-        operand = plgpu.load(x_ref.at[ns, jnp.broadcast_to(dd, rows.shape), rows + (width + 1 if halo else 0), cols],
-                             mask=ok, other=0)
+        operand = _load_tap_group(x_ref, n, group, taps, d, m, depth, height, width, halo)
         return acc + plgpu.dot(operand, g_ref[n, d, pl.ds(m0, block_m), :], trans_a=True)
 
     o_ref[...] = jax.lax.fori_loop(0, height * width // block_m, step, jnp.zeros(o_ref.shape, jnp.float32))
@@ -216,23 +220,11 @@ def _gathered_weight_grad_kernel(x_ref, g_ref, o_ref, *, depth, height, width, b
 def gathered_weight_grad(x, grad, *, block_m=64, taps=4, num_warps=4, num_stages=2, interpret=False):
     """`weight_grad` with `taps` kernel taps gathered: one product to a (taps·c_in, c_out) sum per
     program and block."""
-    n, depth, height, width, c_in = x.shape
-    c_out = grad.shape[-1]
-    plane = height * width
-    block_m = _block_size(plane, block_m)
-    groups = -(-27 // taps)
+    _, depth, height, width, _ = x.shape
+    block_m = _block_size(height * width, block_m)
     body = functools.partial(_gathered_weight_grad_kernel, depth=depth, height=height, width=width,
                              block_m=block_m, taps=taps, halo=bool(interpret))
-    partial = pl.pallas_call(
-        body,
-        out_shape=jax.ShapeDtypeStruct((groups, n * depth, taps * c_in, c_out), jnp.float32),
-        grid=(groups, n * depth),
-        out_specs=pl.BlockSpec((None, None, taps * c_in, c_out), lambda g, p: (g, p, 0, 0)),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-    )(_with_halo(x, bool(interpret)), grad.astype(x.dtype).reshape(n, depth, plane, c_out))
-    flat = partial.sum(axis=1).reshape(groups * taps, c_in, c_out)[:27]
-    return flat.reshape(3, 3, 3, c_in, c_out)
+    return _per_plane_sums(body, x, grad, taps, block_m, num_warps, num_stages, interpret)
 
 
 def data_grad(grad, kernel, **options):
