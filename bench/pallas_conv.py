@@ -1,11 +1,12 @@
-"""The Pallas (Triton) 3×3×3 convolution kernels against XLA's cuDNN convolution, alone, on a GPU.
+"""The Pallas 3×3×3 convolution kernels (Triton and Mosaic GPU) against XLA's cuDNN convolution, alone, on a GPU.
 
 usage: python bench/pallas_conv.py [--reps 20] [--shapes 128x32x32 128x64x32 ...]
 For stride-1 convolutions of UNet3D (by default the 128³ level's 32 → 32 and 64 → 32; batch 2, bf16, channels-last)
 prints the median ms of the forward pass, the data gradient and the weight gradient through XLA
 (cuDNN) and through the kernels of bench/pallas_conv3d.py for each configuration tried
-(block_m, warps, pipeline stages, and the loop or tap grouping), with the largest difference from
-XLA relative to XLA's largest value.
+(block_m, warps, pipeline stages, and the loop or tap grouping) and of runtime/mosaic_conv.py (rows
+per program; forward pass and data gradient, up to 32 channels), with the largest difference from XLA
+relative to XLA's largest value.
 """
 import argparse
 import os
@@ -21,6 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from bench.conv_roofline import median_ms  # noqa: E402
 from bench import pallas_conv3d  # noqa: E402
+from runtime import mosaic_conv  # noqa: E402
 
 
 def _error(value, reference):
@@ -61,6 +63,8 @@ def main():
     parser.add_argument("--gathered_wgrad", nargs="*", default=[
         "64,4,2,4", "64,4,1,8", "128,4,2,4", "64,8,2,8", "32,4,2,8"],
                         help="gathered weight-gradient configurations block_m,num_warps,num_stages,taps")
+    parser.add_argument("--mosaic", nargs="*", default=["128", "32", "8"],
+                        help="Mosaic GPU kernel configurations: output rows per program")
     args = parser.parse_args()
     print(f"{jax.devices()[0].device_kind}, JAX {jax.__version__}, bf16, batch 2, median of {args.reps} calls",
           flush=True)
@@ -87,6 +91,11 @@ def main():
                 ("gathered forward", pallas_conv3d.gathered_forward, args.gathered, "taps", (x, w), ref_fwd),
                 ("gathered weight gradient", pallas_conv3d.gathered_weight_grad, args.gathered_wgrad, "taps",
                  (x, g), ref_dw)]
+        for rows in args.mosaic if max(c_in, c_out) <= 32 else []:
+            _report(f"Mosaic forward {rows}", lambda a, b, r=int(rows): mosaic_conv.forward(a, b, rows=r), (x, w),
+                    ref_fwd, flop, args.reps)
+            _report(f"Mosaic data gradient {rows}",
+                    lambda a, b, r=int(rows): mosaic_conv.data_grad(b, a, rows=r), (w, g), ref_dx, flop, args.reps)
         for name, kernel, specs, last, operands, reference in runs:
             for spec in specs:
                 block, warps, stages, value = (int(v) for v in spec.split(","))

@@ -9,8 +9,8 @@ is `forward` on the output gradient with the kernel flipped and its channel axes
 program, and XLA adds the planes' partial sums. The `gathered_` variants gather several taps into
 one wider operand per product. On an H100 (bench/pallas_conv.py, docs/performance.md) the best of
 them match cuDNN on the forward pass and the data gradient and lose on the weight gradient, so the
-tool keeps XLA's convolutions. JAX 0.11 deprecates Pallas' Triton backend (Mosaic GPU is its
-successor). tests/test_pallas_conv.py checks every kernel in Pallas' interpreter on the CPU.
+tool does not use them (on a Hopper GPU it uses runtime/mosaic_conv.py, a Mosaic GPU kernel). JAX
+0.11 deprecates Pallas' Triton backend. tests/test_pallas_conv.py checks every kernel in Pallas' interpreter on the CPU.
 """
 import functools
 

@@ -2,9 +2,13 @@
 
 usage: KERAS_BACKEND=jax python bench/step_profile.py [--dtype bf16] [--size 128] [--trace DIR]
                                                     [--image_channel_multiple 8] [--loss_check 50]
+                                                    [--conv_kernels xla triton mosaic]
 Times the jitted training step (batch 2, Adam, dice+ce, a compact uint8 batch finished in the
 step) with the batch already on the device and with a host batch copied each step, then traces a
-few steps and prints the GPU kernels that take the most time per step. XLA gets the tool's flags (runtime/xla_flags.py); set
+few steps and prints the GPU kernels that take the most time per step. The step uses XLA's
+convolutions; --conv_kernels also times it, in the same process, with each kernel named
+(bench/conv_kernels.py: `mosaic` is what the tool runs on a Hopper GPU), traces the last one named,
+and --loss_check checks each. XLA gets the tool's flags (runtime/xla_flags.py); set
 XLA_FLAGS=--xla_gpu_force_conv_nhwc=false to see XLA's own layout choice instead.
 """
 import argparse
@@ -26,6 +30,7 @@ import jax  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench import conv_kernels  # noqa: E402
 from dataset.device_transform import finish_train_batch  # noqa: E402
 from model.losses import get_loss  # noqa: E402
 from model.unet3d import build_unet3d  # noqa: E402
@@ -70,27 +75,33 @@ def compact_batch(rng, shape):
     return inputs, rng.integers(0, 4, size=shape, dtype=np.uint8)
 
 
-def make_engine(image_channel_multiple):
-    """A JaxEngine of UNet3D (seed 0), Adam and dice+ce that finishes compact batches."""
-    model = build_unet3d(4, seed=0, image_channel_multiple=image_channel_multiple or None)
+def make_engine(image_channel_multiple, kind="xla"):
+    """A JaxEngine of UNet3D (seed 0; its convolutions by kernel `kind`), Adam and dice+ce that
+    finishes compact batches."""
+    model = build_unet3d(4, seed=0, image_channel_multiple=image_channel_multiple or None,
+                         conv_implementation=conv_kernels.implementation(kind))
     optimizer = keras.optimizers.Adam(1e-4)
     optimizer.build(model.trainable_variables)
     return JaxEngine(model, optimizer, get_loss("dice+ce"), None, finish_batch=finish_train_batch)
 
 
-def loss_check(args, shape, steps):
-    """The first `steps` losses with the image's channels padded against plain convolutions, same
-    seed and batches: prints the largest relative difference and whether it is within 2 %."""
+def first_losses(multiple, kind, batches, steps):
+    """The first `steps` losses of a fresh engine (seed 0) on `batches` in turn."""
+    engine = make_engine(multiple, kind)
+    return np.array([float(engine.train_step(*batches[i % len(batches)])) for i in range(steps)])
+
+
+def loss_check(args, shape, steps, kind):
+    """The first `steps` losses with the image's channels padded and the convolutions of kernel
+    `kind` against plain XLA convolutions, same seed and batches: prints the largest relative
+    difference and whether it is within 2 %."""
     rng = np.random.default_rng(1)
     batches = [compact_batch(rng, shape) for _ in range(4)]
-    losses = {}
-    for multiple in (0, args.image_channel_multiple):
-        engine = make_engine(multiple)
-        losses[multiple] = np.array([float(engine.train_step(*batches[i % 4])) for i in range(steps)])
-    reference, chosen = losses.values()
+    reference = first_losses(0, "xla", batches, steps)
+    chosen = first_losses(args.image_channel_multiple, kind, batches, steps)
     worst = float(np.max(np.abs(chosen - reference) / np.abs(reference)))
     print(json.dumps({"loss_check_steps": steps, "image_channel_multiple": args.image_channel_multiple,
-                      "max_relative_difference": worst,
+                      "conv_kernels": kind, "max_relative_difference": worst,
                       "within_2_percent": worst <= 0.02, "first": [reference[0], chosen[0]],
                       "last": [reference[-1], chosen[-1]]}), flush=True)
 
@@ -104,9 +115,12 @@ def main():
     parser.add_argument("--image_channel_multiple", type=int, default=GPU_CHANNEL_MULTIPLE,
                         help="pad the image convolution's channels to this multiple, as the tool "
                         "does on a GPU (0: none; default: %(default)s)")
-    parser.add_argument("--trace", default=None, help="trace 5 steps into DIR and list the top kernels")
+    parser.add_argument("--trace", default=None,
+                        help="trace 5 steps into DIR (of the last --conv_kernels) and list the top kernels")
     parser.add_argument("--loss_check", type=int, default=0, metavar="N",
                         help="also compare the first N losses with plain convolutions (2 %% tolerance)")
+    parser.add_argument("--conv_kernels", nargs="*", default=[], choices=conv_kernels.KINDS,
+                        help="also time the step with these kernels taking the convolutions they can")
     args = parser.parse_args()
     keras.mixed_precision.set_dtype_policy("mixed_bfloat16" if args.dtype == "bf16" else "float32")
     shape = (2,) + (args.size,) * 3
@@ -119,6 +133,10 @@ def main():
               "step_ms_device_batch": time_steps(engine, x_dev, y_dev, args.steps, 10),
               "step_ms_host_batch": time_steps(engine, x_host, y_host, args.steps, 3)}
     print(json.dumps(result), flush=True)
+    for kind in args.conv_kernels:
+        engine = make_engine(args.image_channel_multiple, kind)
+        ms = time_steps(engine, x_dev, y_dev, args.steps, 10)
+        print(json.dumps({"conv_kernels": kind, "step_ms_device_batch": ms}), flush=True)
     if args.trace:
         jax.profiler.start_trace(args.trace)
         time_steps(engine, x_dev, y_dev, 5, 0)
@@ -128,7 +146,8 @@ def main():
         for ms, n, name in rows:
             print(f"{ms:7.2f} {n:5d}  {name[:110]}")
     if args.loss_check:
-        loss_check(args, shape, args.loss_check)
+        for kind in args.conv_kernels or ["xla"]:
+            loss_check(args, shape, args.loss_check, kind)
 
 
 if __name__ == "__main__":

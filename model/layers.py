@@ -83,7 +83,31 @@ class UpConv2x(keras.layers.Layer):
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer)}
 
 
-class ChannelPaddedConv3D(keras.layers.Conv3D):
+class KernelConv3D(keras.layers.Conv3D):
+    """A Conv3D whose stride-1 'same' convolutions a faster kernel may compute.
+
+    `implementation(inputs, kernel)` returns the convolution of a call, or None for a call it does
+    not take (shape, dtype), which Keras's convolution then computes. The weights and the function
+    are Conv3D's: the runtime chooses the implementation per backend and device
+    (runtime/mosaic_conv.py on a Hopper GPU under JAX), and Keras's path is the reference and the
+    fallback.
+    """
+
+    def __init__(self, *args, implementation=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.implementation = implementation
+
+    def convolution_op(self, inputs, kernel):
+        plain = (tuple(self.strides) == (1, 1, 1) and tuple(self.dilation_rate) == (1, 1, 1)
+                 and self.padding == "same" and self.data_format == "channels_last")
+        if self.implementation is not None and plain:
+            outputs = self.implementation(inputs, kernel)
+            if outputs is not None:
+                return outputs
+        return super().convolution_op(inputs, kernel)
+
+
+class ChannelPaddedConv3D(KernelConv3D):
     """A Conv3D whose input channels are zero-padded up to a multiple of `channel_multiple`.
 
     The padded channels meet zero kernel rows, so the layer computes the same function with the

@@ -10,25 +10,30 @@ import functools
 
 import keras
 
-from model.layers import ChannelPaddedConv3D, Initializers, UpConv2x, make_normalization, softmax
+from model.layers import (ChannelPaddedConv3D, Initializers, KernelConv3D, UpConv2x, make_normalization,
+                          softmax)
 
 ENCODER_CHANNELS = (32, 64, 128, 256, 320, 320)
 DECODER_CHANNELS = (320, 256, 128, 64, 32)
 DIVISOR = 2 ** (len(ENCODER_CHANNELS) - 1)
 
 
-def conv3d(filters, init, channel_multiple=None, **kwargs):
-    """A 3×3×3 'same' Conv3D with bias; with `channel_multiple`, its input channels padded to a
-    multiple of it (ChannelPaddedConv3D: the same function)."""
+def conv3d(filters, init, channel_multiple=None, implementation=None, **kwargs):
+    """A 3×3×3 'same' Conv3D with bias, computed by `implementation` where it takes the call
+    (KernelConv3D); with `channel_multiple`, its input channels padded to a multiple of it
+    (ChannelPaddedConv3D). Either way the same function."""
     if channel_multiple:
         return ChannelPaddedConv3D(filters, 3, padding="same", kernel_initializer=init.glorot(),
-                                   channel_multiple=channel_multiple, **kwargs)
-    return keras.layers.Conv3D(filters, 3, padding="same", kernel_initializer=init.glorot(), **kwargs)
+                                   channel_multiple=channel_multiple, implementation=implementation,
+                                   **kwargs)
+    return KernelConv3D(filters, 3, padding="same", kernel_initializer=init.glorot(),
+                        implementation=implementation, **kwargs)
 
 
-def conv_block(x, filters, norm, init, strides=1, name=None, instance_norm=None, channel_multiple=None):
+def conv_block(x, filters, norm, init, strides=1, name=None, instance_norm=None, channel_multiple=None,
+               conv_implementation=None):
     """Conv3D 3×3×3 'same' with bias, then normalization, then LeakyReLU(0.01)."""
-    x = conv3d(filters, init, channel_multiple, strides=strides, name=f"{name}_conv")(x)
+    x = conv3d(filters, init, channel_multiple, conv_implementation, strides=strides, name=f"{name}_conv")(x)
     layer = make_normalization(norm, name=f"{name}_norm", instance_norm=instance_norm)
     if layer is not None:
         x = layer(x)
@@ -36,19 +41,22 @@ def conv_block(x, filters, norm, init, strides=1, name=None, instance_norm=None,
 
 
 def build_unet3d(in_channels=4, n_classes=4, normalization="instancenorm", seed=None,
-                 spatial_shape=(None, None, None), instance_norm=None, image_channel_multiple=None):
+                 spatial_shape=(None, None, None), instance_norm=None, image_channel_multiple=None,
+                 conv_implementation=None):
     """The UNet3D as a `keras.Model` from (B, D, H, W, in_channels) to softmax probabilities.
 
     Spatial sizes may be left as None; each one used must be a multiple of 32. `instance_norm`
     replaces the instance-normalization layer class (Habana's on HPU). With
     `image_channel_multiple` the first convolution pads the image's channels up to a multiple of
     it: the same function, on faster GPU kernels (8 on GPUs, runtime/tasks.py).
+    `conv_implementation` computes the 3×3×3 stride-1 convolutions it takes (KernelConv3D).
     """
     for size in spatial_shape:
         if size is not None and size % DIVISOR:
             raise ValueError(f"UNet3D needs spatial sizes divisible by {DIVISOR}, got {spatial_shape}")
     init = Initializers(seed)
-    block = functools.partial(conv_block, norm=normalization, init=init, instance_norm=instance_norm)
+    block = functools.partial(conv_block, norm=normalization, init=init, instance_norm=instance_norm,
+                              conv_implementation=conv_implementation)
     inputs = keras.Input(shape=tuple(spatial_shape) + (in_channels,), name="image")
 
     x = block(inputs, ENCODER_CHANNELS[0], name="input_0", channel_multiple=image_channel_multiple)
@@ -66,6 +74,6 @@ def build_unet3d(in_channels=4, n_classes=4, normalization="instancenorm", seed=
         x = block(x, filters, name=f"up{depth}_0")
         x = block(x, filters, name=f"up{depth}_1")
 
-    logits = conv3d(n_classes, init, name="output_conv")(x)
+    logits = conv3d(n_classes, init, implementation=conv_implementation, name="output_conv")(x)
     probs = softmax()(logits)
     return keras.Model(inputs, probs, name="unet3d")

@@ -19,6 +19,23 @@ def gpu_visible(backend):
     return bool(import_tensorflow().config.list_logical_devices("GPU"))
 
 
+def conv_implementation(args):
+    """What computes UNet3D's 3×3×3 convolutions besides Keras: with --conv_kernel auto, bf16 and the
+    JAX backend on one Hopper GPU, runtime/mosaic_conv.py's kernel (with a one-line notice); else
+    None, Keras's convolution everywhere."""
+    if args.conv_kernel != "auto" or args.backend != "jax" or args.dtype != "bf16":
+        return None
+    try:
+        from runtime.mosaic_conv import hopper_convolution
+    except ImportError:  # a JAX without Pallas' Mosaic GPU backend
+        return None
+    implementation = hopper_convolution()
+    if implementation is not None:
+        print("--conv_kernel auto: the bf16 3×3×3 convolutions of up to 32 channels run on the tool's "
+              "Mosaic GPU kernel (--conv_kernel keras for XLA's)", flush=True)
+    return implementation
+
+
 class Task:
     """The flags of the run, and where the HPU (if any) wants prefetching and instance norm."""
 
@@ -57,11 +74,13 @@ class UNet3DTask(Task):
                          prefetch_device=self.prefetch_device)
 
     def model(self, data):
-        """The UNet3D of SPEC §1.4; on a GPU its image convolution pads the 4 channels to 8."""
+        """The UNet3D of SPEC §1.4; on a GPU its image convolution pads the 4 channels to 8, and on a
+        Hopper GPU under JAX its small convolutions run on the tool's kernel (conv_implementation)."""
         from model.unet3d import build_unet3d
         multiple = GPU_CHANNEL_MULTIPLE if gpu_visible(self.args.backend) else None
         return build_unet3d(in_channels=4, normalization=self.args.normalization, seed=self.args.seed,
-                            instance_norm=self.instance_norm, image_channel_multiple=multiple)
+                            instance_norm=self.instance_norm, image_channel_multiple=multiple,
+                            conv_implementation=conv_implementation(self.args))
 
     def optimizer(self):
         """Adam(learning_rate)."""

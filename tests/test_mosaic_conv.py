@@ -1,0 +1,153 @@
+"""The Mosaic GPU convolution kernel of runtime/mosaic_conv.py against XLA's convolution, on the CPU.
+
+The kernel targets Hopper GPUs (TMA copies, wgmma); here it runs, unchanged, in Pallas' GPU
+interpreter, which simulates its shared memory, barriers, copies and matrix products with NumPy.
+bench/pallas_conv.py prints the kernel's difference from cuDNN on the H100, and
+bench/step_profile.py --loss_check compares 50 training losses with XLA's convolutions there.
+"""
+import argparse
+import functools
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bench import conv_kernels, pallas_conv3d
+from runtime import mosaic_conv
+from runtime.tasks import conv_implementation
+from tests.conftest import ROOT
+
+pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
+from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # noqa: E402
+
+# Two volumes of 2 planes of 4 rows of 64 voxels, 32 channels in and out: every tap meets the
+# volume's faces, and with 4 rows a program the ring of 4 input rows is reused.
+SHAPE = (2, 2, 4, 64)
+INTERPRET = InterpretGPUParams()
+
+
+def _case(c_in, c_out, shape=SHAPE):
+    """bf16 x, kernel and output gradient, and XLA's output and gradients of them in float32."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(shape + (c_in,)), jnp.bfloat16)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 3, c_in, c_out)) / np.sqrt(27 * c_in), jnp.bfloat16)
+    grad = jnp.asarray(rng.standard_normal(shape + (c_out,)), jnp.bfloat16)
+    as32 = [a.astype(jnp.float32) for a in (x, kernel, grad)]
+    y, vjp = jax.vjp(pallas_conv3d.reference, as32[0], as32[1])
+    dx, dw = vjp(as32[2])
+    return x, kernel, grad, y, dx, dw
+
+
+@pytest.fixture(scope="module")
+def case():
+    """The 32 → 32 case."""
+    return _case(32, 32)
+
+
+def _relative(value, expected):
+    return float(jnp.max(jnp.abs(value.astype(jnp.float32) - expected)) / jnp.max(jnp.abs(expected)))
+
+
+def test_forward_and_data_gradient_match_xla(case):
+    x, kernel, grad, y, dx, _ = case
+    value = mosaic_conv.forward(x, kernel, rows=4, interpret=INTERPRET)
+    assert value.dtype == jnp.bfloat16 and value.shape == SHAPE + (32,)
+    assert _relative(value, y) < 2 ** -7  # bf16 rounding of the output
+    assert _relative(mosaic_conv.data_grad(grad, kernel, rows=2, interpret=INTERPRET), dx) < 2 ** -7
+
+
+@pytest.mark.parametrize("c_in, c_out", [(32, 4), (8, 32)])
+def test_channels_padded_to_16_give_the_same_convolution(c_in, c_out):
+    """UNet3D's last convolution (32 → 4, and its data gradient 4 → 32) and its first one (the image,
+    padded to 8 channels on a GPU): the kernel pads the channels to 16 and crops the result."""
+    x, kernel, grad, y, dx, _ = _case(c_in, c_out, shape=(1, 2, 2, 64))
+    value = mosaic_conv.forward(x, kernel, rows=2, interpret=INTERPRET)
+    assert value.shape == y.shape and _relative(value, y) < 2 ** -7
+    assert _relative(mosaic_conv.data_grad(grad, kernel, rows=1, interpret=INTERPRET), dx) < 2 ** -7
+
+
+def test_kernel_gradients_in_the_step_match_xla(case):
+    """The custom gradient the layers get: kernel forward and data gradient, XLA's weight gradient."""
+    x, kernel, grad, y, dx, dw = case
+    conv = mosaic_conv.kernel_convolution(functools.partial(mosaic_conv.forward, rows=4, interpret=INTERPRET),
+                                          functools.partial(mosaic_conv.data_grad, rows=4, interpret=INTERPRET))
+    value, vjp = jax.vjp(conv, x, kernel)
+    x_grad, kernel_grad = vjp(grad)
+    assert _relative(value, y) < 2 ** -7
+    assert x_grad.dtype == jnp.bfloat16 and _relative(x_grad, dx) < 2 ** -7
+    assert _relative(kernel_grad, dw) < 2 ** -6  # bf16 products of the weight gradient
+
+
+def test_shapes_the_kernel_does_not_take_are_refused(case):
+    x, kernel, _, _, _, _ = case
+    with pytest.raises(ValueError, match="W % 64 == 0 and H % rows == 0"):
+        mosaic_conv.forward(x, kernel, rows=3, interpret=INTERPRET)
+    assert mosaic_conv.takes((2, 128, 128, 128, 32), 32)
+    assert mosaic_conv.takes((2, 128, 128, 128, 32), 4)
+    assert not mosaic_conv.takes((2, 128, 128, 128, 64), 32)
+    assert not mosaic_conv.takes((2, 64, 64, 32, 32), 32)
+    assert not mosaic_conv.takes((2, None, None, None, 32), 32)
+    with pytest.raises(ValueError, match="unknown convolution kernel 'cudnn'"):
+        conv_kernels.implementation("cudnn")
+
+
+@pytest.mark.parametrize("flags", [dict(conv_kernel="keras"), dict(backend="tensorflow"), dict(dtype="fp32")])
+def test_the_kernel_is_chosen_only_for_bf16_on_jax(flags):
+    args = argparse.Namespace(**{**dict(conv_kernel="auto", backend="jax", dtype="bf16"), **flags})
+    assert conv_implementation(args) is None
+
+
+KERAS_LAYER = """
+import functools, sys
+import jax, jax.numpy as jnp, keras, numpy as np
+from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+from model.layers import KernelConv3D
+from runtime import mosaic_conv
+assert mosaic_conv.hopper_convolution() is None  # a CPU: the tool keeps Keras's convolution
+options = dict(rows=2, interpret=InterpretGPUParams())
+conv = mosaic_conv.kernel_convolution(functools.partial(mosaic_conv.forward, **options),
+                                      functools.partial(mosaic_conv.data_grad, **options))
+calls = []
+def implementation(inputs, kernel):
+    if not mosaic_conv.takes(tuple(inputs.shape), kernel.shape[-1]) or None in inputs.shape:
+        return None
+    calls.append(tuple(inputs.shape))
+    return conv(inputs, jnp.asarray(kernel).astype(inputs.dtype))
+keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+layers = [KernelConv3D(32, 3, padding="same", implementation=impl, name=f"conv{i}")
+          for i, impl in enumerate((implementation, None))]
+x = keras.random.normal((1, 2, 2, 64, 32), seed=1)
+for layer in layers:
+    layer.build(x.shape)
+layers[1].set_weights(layers[0].get_weights())
+def loss(variables, layer):
+    y, _ = layer.stateless_call(variables, [], x)
+    return jnp.sum(y.astype(jnp.float32) ** 2), y
+results = [jax.value_and_grad(loss, has_aux=True)([v.value for v in l.trainable_variables], l) for l in layers]
+(_, y_kernel), grads_kernel = results[0]
+(_, y_keras), grads_keras = results[1]
+def relative(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+print("calls", len(calls), "output", relative(y_kernel, y_keras),
+      "kernel_grad", relative(grads_kernel[0], grads_keras[0]), "bias_grad", relative(grads_kernel[1], grads_keras[1]))
+"""
+
+
+def test_a_keras_layer_computes_with_the_kernel_as_with_keras():
+    """KernelConv3D with the kernel as its implementation, under JAX and a bf16 policy: the same
+    output and weight gradients as the same layer on Keras's convolution (a subprocess: the tests
+    run Keras on TensorFlow)."""
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", KERAS_LAYER], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    words = result.stdout.split()
+    values = dict(zip(words[::2], words[1::2]))
+    assert int(values["calls"]) >= 1  # the layer called the kernel
+    assert float(values["output"]) < 2 ** -7
+    assert float(values["kernel_grad"]) < 2 ** -6 and float(values["bias_grad"]) < 2 ** -6
