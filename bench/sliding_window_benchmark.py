@@ -3,12 +3,14 @@ MONAI's `sliding_window_inference` of the PyTorch UNet3D, with and without the 8
 
 usage: python bench/sliding_window_benchmark.py --torch_script PATH [--volumes 8] [--out DIR]
            [--sw_batch_sizes 2 6 9] [--tta_sw_batch_sizes 2 3] [--monai_sw_batch_sizes 2 6]
+           [--conv_kernels auto keras]
 Both predict the same synthetic 240×240×155×4 volume (`--synth_data`'s) in bf16 with 128³ windows,
 overlap 0.5 and a Gaussian importance map of σ = window/8, from a host array to an int8 mask on
 the host. The tool: `main.py --backend jax --synth_data --exec_mode predict --sliding_window
 --benchmark` (its `latency_predict`, the mean over the volumes after the warm-up ones; as in
 every predict run, the next volume is copied to the GPU while the current one is predicted), for
-several --sw_batch_size, with and without --tta. MONAI: torch.compile'd UNet3D (PATH, i.e.
+several --sw_batch_size, with and without --tta, and for each --conv_kernel named (default: auto,
+the tool's own; keras: XLA's convolutions). MONAI: torch.compile'd UNet3D (PATH, i.e.
 shared/device/torch_unet3d.py), bf16 autocast, roi 128³, overlap 0.5, mode="gaussian",
 sigma_scale=0.125, sw_batch_size 2 (and more, for a like-for-like row); with mirroring, the mean
 over the 8 mirrored volumes. One table of mean (and MONAI's median) seconds per volume; the ratio
@@ -29,13 +31,14 @@ sys.path.insert(0, ROOT)
 SEED = 0
 
 
-def tool_run(sw_batch_size, tta, volumes, out):
+def tool_run(sw_batch_size, tta, volumes, out, conv_kernel="auto"):
     """Mean and 99% bound of the tool's seconds per volume (`volumes` timed after as many warm-up)."""
-    log_dir = os.path.join(out, f"tool-sw{sw_batch_size}{'-tta' if tta else ''}")
+    log_dir = os.path.join(out, f"tool-sw{sw_batch_size}{'-tta' if tta else ''}-{conv_kernel}")
     cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--backend", "jax", "--synth_data",
            "--exec_mode", "predict", "--sliding_window", "--sw_batch_size", str(sw_batch_size),
            "--benchmark", "--warmup_steps", str(volumes), "--batch_size", "1", "--dtype", "bf16",
-           "--model_dir", log_dir, "--log_dir", log_dir, "--seed", str(SEED)] + (["--tta"] if tta else [])
+           "--model_dir", log_dir, "--log_dir", log_dir, "--seed", str(SEED),
+           "--conv_kernel", conv_kernel] + (["--tta"] if tta else [])
     subprocess.run(cmd, check=True, env={**os.environ, "KERAS_BACKEND": "jax"})
     with open(os.path.join(log_dir, "log.json")) as handle:
         data = [json.loads(line)["data"] for line in handle if '"benchmark"' in line][-1]
@@ -94,15 +97,17 @@ def main():
     parser.add_argument("--sw_batch_sizes", type=int, nargs="+", default=[2, 6, 9])
     parser.add_argument("--tta_sw_batch_sizes", type=int, nargs="+", default=[2, 3])
     parser.add_argument("--monai_sw_batch_sizes", type=int, nargs="+", default=[2, 6])
+    parser.add_argument("--conv_kernels", nargs="+", default=["auto"], choices=("auto", "keras"))
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     out = args.out or tempfile.mkdtemp(prefix="sw-bench-")
     rows = []
-    for tta, sizes in ((False, args.sw_batch_sizes), (True, args.tta_sw_batch_sizes)):
-        for size in sizes:
-            mean, bound = tool_run(size, tta, args.volumes, out)
-            rows.append((f"this tool, JAX, sw_batch_size {size}", tta, mean, None, bound))
-            print(rows[-1], flush=True)
+    for kernel in args.conv_kernels:
+        for tta, sizes in ((False, args.sw_batch_sizes), (True, args.tta_sw_batch_sizes)):
+            for size in sizes:
+                mean, bound = tool_run(size, tta, args.volumes, out, kernel)
+                rows.append((f"this tool, JAX, --conv_kernel {kernel}, sw_batch_size {size}", tta, mean, None, bound))
+                print(rows[-1], flush=True)
     for (size, tta), (mean, median) in monai_runs(args.torch_script, args.volumes,
                                                   args.monai_sw_batch_sizes).items():
         rows.append((f"MONAI + torch.compile, sw_batch_size {size}", tta, mean, median, None))
