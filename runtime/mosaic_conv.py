@@ -18,6 +18,7 @@ the kernel in Pallas' GPU interpreter on the CPU; bench/pallas_conv.py times it 
 bench/step_profile.py in the training step.
 """
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -112,15 +113,16 @@ def _round_up(value, multiple):
 def forward(x, kernel, *, rows=128, interpret=None):
     """conv3d(x, kernel), stride 1, 'same' padding: x (N, D, H, W, c_in), kernel (3, 3, 3, c_in, c_out).
 
-    bf16 products with float32 sums; the result has the dtype of `x`. W must be a multiple of 64
-    and `rows` must divide H. Channels are padded with zeros to multiples of 16 for the kernel (a
-    copy of x where c_in is not one, and of the result where c_out is not). `interpret`: Pallas'
-    GPU interpreter parameters, for the CPU tests.
+    bf16 products with float32 sums; the result has the dtype of `x`. W must be a multiple of 64;
+    a program computes gcd(rows, H) output rows. Channels are padded with zeros to multiples of 16
+    for the kernel (a copy of x where c_in is not one, and of the result where c_out is not).
+    `interpret`: Pallas' GPU interpreter parameters, for the CPU tests.
     """
     n, depth, height, width, c_in = x.shape
     c_out = kernel.shape[-1]
-    if width % 64 or height % rows:
-        raise ValueError(f"need W % 64 == 0 and H % rows == 0, got W={width}, H={height}, rows={rows}")
+    if width % 64:
+        raise ValueError(f"the kernel needs W, the last spatial size, to be a multiple of 64; got {width}")
+    rows = math.gcd(rows, height)
     dtype = x.dtype
     k_in, k_out = _round_up(c_in, 16), _round_up(c_out, 16)
     if k_in != c_in:
