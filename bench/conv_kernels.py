@@ -6,8 +6,6 @@ tool uses on a Hopper GPU), `triton` the Pallas (Triton) kernels of bench/pallas
 32 → 32 convolutions, where they came closest to cuDNN (docs/performance.md). Both kernels compute
 the forward pass and the input gradient, XLA the kernel gradient.
 """
-import jax.numpy as jnp
-
 from bench import pallas_conv3d
 from runtime import mosaic_conv
 
@@ -19,13 +17,13 @@ _triton_convolution = mosaic_conv.kernel_convolution(
     lambda g, k: pallas_conv3d.data_grad(g, k, **_TRITON_OPTIONS))
 
 
-def _triton(inputs, kernel):
-    """The Triton kernels for a bf16 3×3×3 32 → 32 call whose planes split into 256-voxel blocks."""
-    _, _, height, width, c_in = inputs.shape
-    if (tuple(kernel.shape[:3]) != (3, 3, 3) or inputs.dtype != jnp.bfloat16 or None in (height, width)
-            or (c_in, kernel.shape[-1]) != (32, 32) or (height * width) % 256):
-        return None
-    return _triton_convolution(inputs, jnp.asarray(kernel).astype(inputs.dtype))
+def _triton_takes(shape, c_out):
+    """32 → 32 calls whose planes split into 256-voxel blocks."""
+    _, _, height, width, c_in = shape
+    return None not in (height, width) and (c_in, c_out) == (32, 32) and (height * width) % 256 == 0
+
+
+_triton = mosaic_conv.layer_implementation_of(_triton_convolution, _triton_takes)
 
 
 def implementation(kind):

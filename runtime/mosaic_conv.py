@@ -197,13 +197,20 @@ def xla_convolution(x, kernel):
 convolution = kernel_convolution(forward, data_grad)
 
 
-def layer_implementation(inputs, kernel):
-    """The implementation model/layers.py's KernelConv3D calls: the kernel for a bf16 3×3×3 call it
-    takes, None (Keras's convolution) for any other."""
-    if (tuple(kernel.shape[:3]) != (3, 3, 3) or inputs.dtype != jnp.bfloat16
-            or not takes(tuple(inputs.shape), kernel.shape[-1])):
-        return None
-    return convolution(inputs, jnp.asarray(kernel).astype(inputs.dtype))
+def layer_implementation_of(conv, accepts):
+    """What model/layers.py's KernelConv3D calls: `conv` for a bf16 3×3×3 call whose input shape and
+    output channels `accepts(shape, c_out)`, None (Keras's convolution) for any other."""
+
+    def implementation(inputs, kernel):
+        if (tuple(kernel.shape[:3]) != (3, 3, 3) or inputs.dtype != jnp.bfloat16
+                or not accepts(tuple(inputs.shape), kernel.shape[-1])):
+            return None
+        return conv(inputs, jnp.asarray(kernel).astype(inputs.dtype))
+
+    return implementation
+
+
+layer_implementation = layer_implementation_of(convolution, takes)
 
 
 def hopper_convolution():
