@@ -21,7 +21,7 @@ shift 4
 
 for fold in 0 1 2 3 4; do
     fold_dir="$results_dir/fold_$fold"
-    if "$python" "$here/runtime/parse_results.py" --check "$fold_dir"; then
+    if "$python" "$here/cli/parse_results.py" --check "$fold_dir"; then
         echo "fold $fold: already evaluated, skipped"
         continue
     fi
@@ -34,4 +34,4 @@ for fold in 0 1 2 3 4; do
         exit 1
     fi
 done
-"$python" "$here/runtime/parse_results.py" "$results_dir"
+"$python" "$here/cli/parse_results.py" "$results_dir"

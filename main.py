@@ -1,24 +1,28 @@
-"""Command-line entry point: parse the flags, then hand over to the runtime."""
+"""Command-line entry point: parse the flags into settings, then hand over to the run."""
 import os
 import sys
 import traceback
 
-from runtime.arguments import parse_args
+from cli.arguments import parse_args
 from common.errors import UserError
-from runtime.xla_flags import prefer_channels_last_convolutions
+from setup.xla_flags import prefer_channels_last_convolutions
 
 
 def main(argv=None):
     """Run the tool with the given command line (sys.argv[1:] when None); returns the exit code."""
-    args = parse_args(argv)
-    os.environ["KERAS_BACKEND"] = args.backend  # before Keras is imported
-    prefer_channels_last_convolutions()  # before XLA starts
-    from runtime.cluster import end_now_if_distributed
-    from runtime.run import run
     try:
-        run(args)
+        settings = parse_args(argv)
+    except UserError as err:
+        print(f"main.py: error: {err}", file=sys.stderr)
+        return 1
+    os.environ["KERAS_BACKEND"] = settings.precision.backend  # before Keras is imported
+    prefer_channels_last_convolutions()  # before XLA starts
+    from setup.cluster import end_now_if_distributed
+    from setup.run import run
+    try:
+        run(settings)
     except (UserError, FloatingPointError) as err:
-        if args.tf_verbosity == 0:
+        if settings.run.tf_verbosity == 0:
             traceback.print_exc()
         else:
             print(f"main.py: error: {err}", file=sys.stderr)

@@ -35,8 +35,9 @@ def tool_train(root, dtype, steps, warmup, out):
 
 
 def tool_infer(root, dtype):
-    """(volumes/s, ms) of the tool at `root` on the 224×224×160 window, batch 1."""
-    cmd = [sys.executable, os.path.join(ROOT, "bench", "inference_window.py"), "--root", root,
+    """(volumes/s, ms) of the tool at `root` on the 224×224×160 window, batch 1 (through that
+    tree's own bench/inference_window.py, which builds the network its own way)."""
+    cmd = [sys.executable, os.path.join(root, "bench", "inference_window.py"), "--root", root,
            "--dtype", dtype]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True,
                          env={**os.environ, "KERAS_BACKEND": "jax"}).stdout

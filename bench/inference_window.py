@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 
 
@@ -22,17 +23,20 @@ def main():
     args = parser.parse_args()
     os.environ["KERAS_BACKEND"] = "jax"
     sys.path.insert(0, os.path.abspath(args.root))
-    from runtime.xla_flags import prefer_channels_last_convolutions
+    from setup.xla_flags import prefer_channels_last_convolutions
     prefer_channels_last_convolutions()
     import jax
-    import keras
     import numpy as np
 
-    from runtime.arguments import parse_args
-    from runtime.tasks import make_task
+    from common.settings import DataSettings, PrecisionSettings, RunSettings, Settings
+    from setup.machine import resolve_machine
+    from tasks.base import make_task
 
-    keras.mixed_precision.set_dtype_policy("mixed_bfloat16" if args.dtype == "bf16" else "float32")
-    model = make_task(parse_args(["--backend", "jax", "--synth_data", "--seed", "0"])).model(None)
+    folder = tempfile.mkdtemp(prefix="inference-window-")
+    settings = Settings(run=RunSettings(model_dirs=(folder,), log_dir=folder),
+                        data=DataSettings(synth_data=True, seed=0),
+                        precision=PrecisionSettings(backend="jax", dtype=args.dtype))
+    model = make_task("unet3d", settings.network, settings.data, resolve_machine(settings)).model()
     trainable = [v.value for v in model.trainable_variables]
     non_trainable = [v.value for v in model.non_trainable_variables]
 

@@ -60,7 +60,7 @@ def monai_runs(script, volumes, sw_batch_sizes):
     torch.manual_seed(SEED)
     model = UNet3D().cuda().to(memory_format=torch.channels_last_3d).eval()
     network = torch.compile(model)
-    (volume,) = SyntheticData(1, seed=SEED).test_dataset(whole=True)  # (1, 240, 240, 155, 4)
+    (volume,) = SyntheticData(1, seed=SEED).test_volumes()  # (1, 240, 240, 155, 4)
     host = torch.from_numpy(np.ascontiguousarray(volume.transpose(0, 4, 1, 2, 3)))
     mirrors = [()] + [axes for r in (1, 2, 3) for axes in itertools.combinations((2, 3, 4), r)]
 

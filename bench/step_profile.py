@@ -2,13 +2,13 @@
 
 usage: KERAS_BACKEND=jax python bench/step_profile.py [--dtype bf16] [--size 128] [--trace DIR]
                                                     [--image_channel_multiple 8] [--loss_check 50]
-                                                    [--conv_kernels xla triton mosaic]
+                                                    [--conv_kernels xla mosaic]
 Times the jitted training step (batch 2, Adam, dice+ce, a compact uint8 batch finished in the
 step) with the batch already on the device and with a host batch copied each step, then traces a
 few steps and prints the GPU kernels that take the most time per step. The step uses XLA's
 convolutions; --conv_kernels also times it, in the same process, with each kernel named
-(bench/conv_kernels.py: `mosaic` is what the tool runs on a Hopper GPU), traces the last one named,
-and --loss_check checks each. XLA gets the tool's flags (runtime/xla_flags.py); set
+(`mosaic` is engines/mosaic_conv.py, what the tool runs on a Hopper GPU), traces the last one named,
+and --loss_check checks each. XLA gets the tool's flags (setup/xla_flags.py); set
 XLA_FLAGS=--xla_gpu_force_conv_nhwc=false to see XLA's own layout choice instead.
 """
 import argparse
@@ -22,7 +22,7 @@ import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from runtime.xla_flags import prefer_channels_last_convolutions  # noqa: E402
+from setup.xla_flags import prefer_channels_last_convolutions  # noqa: E402
 
 prefer_channels_last_convolutions()
 
@@ -30,12 +30,14 @@ import jax  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench import conv_kernels  # noqa: E402
+from engines import mosaic_conv  # noqa: E402
 from dataset.device_transform import finish_train_batch  # noqa: E402
 from model.losses import get_loss  # noqa: E402
 from model.unet3d import build_unet3d  # noqa: E402
-from runtime.jax_engine import JaxEngine  # noqa: E402
-from runtime.tasks import GPU_CHANNEL_MULTIPLE  # noqa: E402
+from engines.jax_engine import JaxEngine  # noqa: E402
+from tasks.unet3d import GPU_CHANNEL_MULTIPLE  # noqa: E402
+
+CONV_KERNELS = {"xla": None, "mosaic": mosaic_conv.layer_implementation}
 
 
 def time_steps(engine, x, y, steps, warmup):
@@ -79,7 +81,7 @@ def make_engine(image_channel_multiple, kind="xla"):
     """A JaxEngine of UNet3D (seed 0; its convolutions by kernel `kind`), Adam and dice+ce that
     finishes compact batches."""
     model = build_unet3d(4, seed=0, image_channel_multiple=image_channel_multiple or None,
-                         conv_implementation=conv_kernels.implementation(kind))
+                         conv_implementation=CONV_KERNELS[kind])
     optimizer = keras.optimizers.Adam(1e-4)
     optimizer.build(model.trainable_variables)
     return JaxEngine(model, optimizer, get_loss("dice+ce"), None, finish_batch=finish_train_batch)
@@ -119,7 +121,7 @@ def main():
                         help="trace 5 steps into DIR (of the last --conv_kernels) and list the top kernels")
     parser.add_argument("--loss_check", type=int, default=0, metavar="N",
                         help="also compare the first N losses with plain convolutions (2 %% tolerance)")
-    parser.add_argument("--conv_kernels", nargs="*", default=[], choices=conv_kernels.KINDS,
+    parser.add_argument("--conv_kernels", nargs="*", default=[], choices=tuple(CONV_KERNELS),
                         help="also time the step with these kernels taking the convolutions they can")
     args = parser.parse_args()
     keras.mixed_precision.set_dtype_policy("mixed_bfloat16" if args.dtype == "bf16" else "float32")

@@ -13,7 +13,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from runtime.xla_flags import CHANNELS_LAST  # noqa: E402
+from setup.xla_flags import CHANNELS_LAST  # noqa: E402
 
 OPTIONS = {
     "tool flags": "",

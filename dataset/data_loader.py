@@ -118,23 +118,33 @@ class BratsData:
         ds = ds.map(transform, num_parallel_calls=AUTOTUNE)
         return self._finish(ds.batch(self.batch_size, drop_remainder=True))
 
-    def eval_dataset(self, whole=False):
-        """Every validation volume once, as (x, one-hot y) windows, in batches; with `whole`, each
-        whole volume in a batch of its own."""
-        window = None if whole else self.window
+    def eval_dataset(self):
+        """Every validation volume once, as (x, one-hot y) evaluation windows, in batches."""
+        return self._eval(self.window, self.batch_size)
+
+    def eval_volumes(self):
+        """Every validation volume once, whole, as (x, one-hot y) in a batch of its own."""
+        return self._eval(None, 1)
+
+    def test_dataset(self):
+        """Every validation volume once, as image windows alone, in batches."""
+        return self._test(self.window, self.batch_size)
+
+    def test_volumes(self):
+        """Every validation image once, whole, in a batch of its own."""
+        return self._test(None, 1)
+
+    def _eval(self, window, batch_size):
         ds = tf.data.TFRecordDataset(self.eval_files).cache().map(self._parse, num_parallel_calls=AUTOTUNE)
         ds = ds.map(lambda x, y, m, s: transforms.eval_transform(x, y, m, s, window),
                     num_parallel_calls=AUTOTUNE)
-        return self._finish(ds.batch(1 if whole else self.batch_size))
+        return self._finish(ds.batch(batch_size))
 
-    def test_dataset(self, whole=False):
-        """Every validation volume once, as image windows alone, in batches; with `whole`, each
-        whole image in a batch of its own."""
-        window = None if whole else self.window
+    def _test(self, window, batch_size):
         ds = tf.data.TFRecordDataset(self.eval_files).map(self._parse, num_parallel_calls=AUTOTUNE)
         ds = ds.map(lambda x, y, m, s: transforms.test_transform(x, m, s, window),
                     num_parallel_calls=AUTOTUNE)
-        return self._finish(ds.batch(1 if whole else self.batch_size))
+        return self._finish(ds.batch(batch_size))
 
     def _finish(self, ds):
         return prefetch(ds, self.prefetch_device)
@@ -157,13 +167,21 @@ class SyntheticTFData(SyntheticData):
         """Endless compact synthetic training batches."""
         return self._as_dataset(lambda: super(SyntheticTFData, self).train_dataset(start_step))
 
-    def eval_dataset(self, whole=False):
-        """The synthetic evaluation batch (`whole`: the whole volume)."""
-        return self._as_dataset(lambda: iter(super(SyntheticTFData, self).eval_dataset(whole)))
+    def eval_dataset(self):
+        """The synthetic evaluation window."""
+        return self._as_dataset(lambda: iter(super(SyntheticTFData, self).eval_dataset()))
 
-    def test_dataset(self, whole=False):
-        """The synthetic test batch (`whole`: the whole volume)."""
-        return self._as_dataset(lambda: iter(super(SyntheticTFData, self).test_dataset(whole)))
+    def eval_volumes(self):
+        """The synthetic evaluation volume, whole."""
+        return self._as_dataset(lambda: iter(super(SyntheticTFData, self).eval_volumes()))
+
+    def test_dataset(self):
+        """The synthetic test batch."""
+        return self._as_dataset(lambda: iter(super(SyntheticTFData, self).test_dataset()))
+
+    def test_volumes(self):
+        """The synthetic test volume, whole."""
+        return self._as_dataset(lambda: iter(super(SyntheticTFData, self).test_volumes()))
 
 
 def prefetch(ds, device=None):

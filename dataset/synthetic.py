@@ -72,20 +72,27 @@ class SyntheticData:
 
         return stream()
 
-    def eval_dataset(self, whole=False):
-        """The volume once through the evaluation transforms, as one batch (`whole`: unwindowed)."""
-        x, y = self.x.astype(np.float32), np.eye(N_CLASSES, dtype=np.float32)[self.y]
-        if not whole:
-            x, y = window_array(x, self.window), window_array(y, self.window)
+    def eval_dataset(self):
+        """The volume once through the evaluation window, as one batch."""
+        x, y = self._eval_arrays()
+        return [(window_array(x, self.window)[None], window_array(y, self.window)[None])]
+
+    def eval_volumes(self):
+        """The volume once, whole, as one batch."""
+        x, y = self._eval_arrays()
         return [(x[None], y[None])]
 
-    def test_dataset(self, whole=False):
-        """One batch of truncated-normal (±2σ) 64³×4 images; with `whole`, the BraTS-sized volume
-        (240×240×155×4) alone, as a batch of one."""
-        if whole:
-            return [self.x.astype(np.float32)[None]]
+    def _eval_arrays(self):
+        return self.x.astype(np.float32), np.eye(N_CLASSES, dtype=np.float32)[self.y]
+
+    def test_dataset(self):
+        """One batch of truncated-normal (±2σ) 64³×4 images."""
         rng = np.random.default_rng([self.seed, 2])
         images = rng.standard_normal((self.batch_size,) + TEST_SHAPE + (N_MODALITIES,))
         while np.any(outside := np.abs(images) > 2.0):  # redraw the tails: a truncated normal
             images[outside] = rng.standard_normal(int(outside.sum()))
         return [images.astype(np.float32)]
+
+    def test_volumes(self):
+        """The BraTS-sized volume (240×240×155×4) alone, as a batch of one."""
+        return [self.x.astype(np.float32)[None]]

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from runtime.arguments import parse_args
+from cli.arguments import parse_args
 from tests.conftest import ROOT
 
 SPEC_FLAGS = ["--exec_mode", "--model_dir", "--log_dir", "--data_dir", "--batch_size", "--dtype",
@@ -32,24 +32,33 @@ def test_help_lists_every_flag():
 
 
 def test_defaults_match_spec():
-    args = parse_args([])
-    assert args.exec_mode == "train_and_evaluate"
-    assert args.batch_size == 2 and args.dtype is None and args.fold == 0  # None: by device and args.num_folds == 5
-    assert args.max_steps == 16000 and args.seed is None and args.log_every == 100
-    assert args.learning_rate == 0.0002 and args.loss == "dice+ce"
-    assert args.normalization == "instancenorm" and args.include_background is False
-    assert args.augment is True and args.warmup_steps == 40 and args.log_dir == "/tmp/unet3d_logs"
-    assert args.bf16_config_path.endswith("bf16_config/unet.json")
-    assert args.num_workers_per_hls == 1 and args.hls_type == "HLS1"
+    settings = parse_args([])
+    run, data, net, precision = settings.run, settings.data, settings.network, settings.precision
+    assert run.exec_mode == "train_and_evaluate"
+    assert data.batch_size == 2 and precision.dtype is None and net.fold == 0  # None: by device
+    assert net.num_folds == 5
+    assert net.max_steps == 16000 and data.seed is None and run.log_every == 100
+    assert net.learning_rate == 0.0002 and net.loss == "dice+ce"
+    assert net.normalization == "instancenorm" and net.include_background is False
+    assert data.augment is True and run.warmup_steps == 40 and run.log_dir == "/tmp/unet3d_logs"
+    assert precision.bf16_config_path.endswith("bf16_config/unet.json")
+    assert parse_args(["--num_workers_per_hls", "8", "--hls_type", "HLS2"]) == settings  # ignored
 
 
 def test_aliases():
-    assert parse_args(["--xla"]).use_xla is True
-    assert parse_args(["--no_xla"]).use_xla is False
-    assert parse_args(["--amp"]).use_amp is True
-    assert parse_args(["-d", "fp32"]).dtype == "fp32"
-    assert parse_args(["--no-augment"]).augment is False
-    assert parse_args(["--exec_mode", "train_and_predict"]).exec_mode == "train_and_predict"
+    assert parse_args(["--xla"]).precision.use_xla is True
+    assert parse_args(["--no_xla"]).precision.use_xla is False
+    assert parse_args(["--amp"]).precision.use_amp is True
+    assert parse_args(["-d", "fp32"]).precision.dtype == "fp32"
+    assert parse_args(["--no-augment"]).data.augment is False
+    assert parse_args(["--exec_mode", "train_and_predict"]).run.exec_mode == "train_and_predict"
+
+
+def test_settings_are_frozen():
+    import dataclasses
+    settings = parse_args([])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.data.batch_size = 4
 
 
 @pytest.mark.parametrize("argv, flag", [
@@ -81,11 +90,11 @@ def test_jax_process_flags_come_from_the_environment_too(monkeypatch):
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "node0:1234")
     monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
     monkeypatch.setenv("JAX_PROCESS_ID", "3")
-    args = parse_args(["--backend", "jax"])
-    assert (args.coordinator_address, args.num_processes, args.process_id) == ("node0:1234", 4, 3)
-    args = parse_args(["--backend", "jax", "--process_id", "1"])  # a flag wins
-    assert args.process_id == 1
-    assert parse_args([]).num_processes is None  # TensorFlow: the JAX variables are not its own
+    processes = parse_args(["--backend", "jax"]).processes
+    assert (processes.coordinator_address, processes.num_processes, processes.process_id) == (
+        "node0:1234", 4, 3)
+    assert parse_args(["--backend", "jax", "--process_id", "1"]).processes.process_id == 1  # a flag wins
+    assert parse_args([]).processes.num_processes is None  # TensorFlow: the JAX variables are not its own
     monkeypatch.setenv("JAX_NUM_PROCESSES", "four")
     with pytest.raises(SystemExit):
         parse_args(["--backend", "jax"])

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from runtime.parse_results import METRICS, table
+from cli.parse_results import METRICS, table
 from tests.conftest import ROOT, phantom_records
 
 SCRIPT = os.path.join(ROOT, "5-cross-validation.sh")

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from runtime import checkpoint
+from loops import checkpoint
 from tests.conftest import ROOT, free_ports
 
 # The tests that launch several processes run on one test worker (pytest -n 2 --dist loadgroup), one

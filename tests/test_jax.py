@@ -13,8 +13,8 @@ import tensorflow as tf
 
 from model.losses import get_loss
 from model.unet3d import build_unet3d
-from runtime.jax_engine import prefetch_to_device
-from runtime.xla_flags import prefer_channels_last_convolutions
+from engines.jax_engine import prefetch_to_device
+from setup.xla_flags import prefer_channels_last_convolutions
 from tests.conftest import ROOT
 
 JAX_ENV = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}

@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from runtime import checkpoint
-from runtime.cluster import JAX_HEARTBEAT_TIMEOUT_S
+from loops import checkpoint
+from setup.cluster import JAX_HEARTBEAT_TIMEOUT_S
 from tests.conftest import ROOT, assert_one_line_error, free_ports, run_cli
 
 # The tests that launch several processes run on one test worker (pytest -n 2 --dist loadgroup), one

@@ -5,6 +5,7 @@ import importlib
 import json
 import os
 import sys
+import types
 
 import keras
 import numpy as np
@@ -16,10 +17,10 @@ from main import main
 from model.layers import InstanceNormalization, make_normalization
 from model.losses import dice_ce_loss, eval_dice_per_sample
 from model.unet3d import build_unet3d
-from runtime.arguments import parse_args
-from runtime.hpu import HPU_DEVICE, setup_hpu
-from runtime.precision import Device, choose_dtype, cpu_flags
-from runtime.tasks import make_task
+from cli.arguments import parse_args
+from setup.hpu import HPU_DEVICE, setup_hpu
+from setup.precision import Device, choose_dtype, cpu_flags
+from tasks.base import make_task
 from tests.conftest import assert_one_line_error, phantom_records, run_cli
 
 
@@ -145,14 +146,18 @@ def copy_targets(dataset):
 
 
 def test_habana_wiring_with_bf16(habana, records):
-    args = parse_args(["--data_dir", records, "--num_folds", "3", "--dtype", "bf16"])
-    hpu = setup_hpu(args)
+    settings = parse_args(["--data_dir", records, "--num_folds", "3", "--dtype", "bf16"])
+    hpu = setup_hpu(settings.precision)
     bridge = importlib.import_module("habana_frameworks.tensorflow")
-    config = os.path.abspath(args.bf16_config_path)
+    config = os.path.abspath(settings.precision.bf16_config_path)
     assert bridge.LOADED == [config]  # loaded once, after TF_BF16_CONVERSION was set
     assert os.environ["TF_BF16_CONVERSION"] == config
     assert hpu.device == HPU_DEVICE
-    task = make_task(args, hpu)
+    assert hpu.dtype == "bf16"
+    # The machine as setup/machine.py resolves it on an HPU, in the fields a task reads.
+    machine = types.SimpleNamespace(hpu=hpu, seed=None, backend="tensorflow", gpu=False,
+                                    conv_kernel="auto", dtype=hpu.dtype)
+    task = make_task("unet3d", settings.network, settings.data, machine)
     norms = {type(l).__name__ for l in task.model(None).layers if "norm" in l.name}
     assert norms == {"HabanaInstanceNormalization"}
     data = task.data()
@@ -162,19 +167,21 @@ def test_habana_wiring_with_bf16(habana, records):
 
 
 def test_habana_wiring_with_fp32_and_no_hpu(habana, records):
-    hpu = setup_hpu(parse_args(["--data_dir", records, "--num_folds", "3", "--dtype", "fp32"]))
+    hpu = setup_hpu(parse_args(["--data_dir", records, "--num_folds", "3", "--dtype", "fp32"]).precision)
     assert hpu is not None and "TF_BF16_CONVERSION" not in os.environ
     assert importlib.import_module("habana_frameworks.tensorflow").LOADED == [None]
     del sys.modules["habana_frameworks.tensorflow"]
-    assert setup_hpu(parse_args(["--data_dir", records, "--num_folds", "3", "--no_hpu"])) is None
+    assert setup_hpu(parse_args(["--data_dir", records, "--num_folds", "3", "--no_hpu"]).precision) is None
     assert "habana_frameworks.tensorflow" not in sys.modules  # not even imported
 
 
 def test_without_habana_software_a_notice_only_where_it_matters(records, capsys):
-    assert setup_hpu(parse_args(["--data_dir", records, "--num_folds", "3"])) is None
+    assert setup_hpu(parse_args(["--data_dir", records, "--num_folds", "3"]).precision) is None
     assert capsys.readouterr().out == ""  # a plain CPU/GPU run: no Habana noise
-    for extra in (["--bf16_config_path", parse_args([]).bf16_config_path], ["--tf_verbosity", "1"]):
-        assert setup_hpu(parse_args(["--data_dir", records, "--num_folds", "3", *extra])) is None
+    for extra in (["--bf16_config_path", parse_args([]).precision.bf16_config_path],
+                  ["--tf_verbosity", "1"]):
+        settings = parse_args(["--data_dir", records, "--num_folds", "3", *extra])
+        assert setup_hpu(settings.precision, settings.run.tf_verbosity) is None
         out = capsys.readouterr().out.strip().splitlines()
         assert len(out) == 1 and "no Habana software found" in out[0]
     data = BratsData(records, 1, num_folds=3)
@@ -197,8 +204,7 @@ AVX512_BF16 = Device("cpu", {"avx2", "avx512f", "avx512_bf16"})
 
 def choose(argv, device, capsys):
     """(dtype chosen, stdout lines, stderr lines) of choose_dtype for a command line on `device`."""
-    args = parse_args(argv)
-    dtype = choose_dtype(args, device)
+    dtype = choose_dtype(parse_args(argv).precision, device)
     captured = capsys.readouterr()
     return dtype, captured.out.strip().splitlines(), captured.err.strip().splitlines()
 

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 
 from main import main
-from runtime import checkpoint
-from common.errors import UserError
-from runtime.hooks import benchmark_stats
+from loops import checkpoint
+from loops.hooks import benchmark_stats
 from tests.conftest import ROOT, assert_one_line_error, main_here, phantom_records, run_cli
 
 METRICS = {"TumorCore", "PeritumoralEdema", "EnhancingTumor", "MeanDice", "WholeTumor"}
@@ -67,14 +66,15 @@ def test_every_mode(records, tmp_path):
 
 def test_every_synthetic_test_image_gets_a_mask_name():
     from dataset.synthetic import SyntheticData
-    from runtime.arguments import parse_args
-    from runtime.tasks import make_task
+    from cli.arguments import parse_args
+    from tasks.base import make_task
     data = SyntheticData(3, seed=0)
     (images,) = data.test_dataset()
-    names = make_task(parse_args(["--synth_data", "--batch_size", "3"])).mask_names(data)
+    settings = parse_args(["--synth_data", "--batch_size", "3"])
+    names = make_task("unet3d", settings.network, settings.data).mask_names(data, data.n_test)
     assert len(images) == 3 and names == ["vol_0", "vol_1", "vol_2"]
-    with pytest.raises(UserError, match="--save_nifti"):
-        make_task(parse_args(["--synth_data", "--save_nifti"]))
+    with pytest.raises(SystemExit):
+        parse_args(["--synth_data", "--save_nifti"])
 
 
 def test_resume_continues_and_matches_an_uninterrupted_run(records, tmp_path):

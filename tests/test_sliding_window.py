@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from dataset.windows import gaussian_importance, sliding_window_shape, window_starts
+from loops.window_layout import gaussian_importance, sliding_window_shape, window_starts
 from tests.conftest import ROOT, assert_one_line_error, main_here, phantom_records, run_cli
 
 MIRRORS = [axes for r in range(4) for axes in itertools.combinations((0, 1, 2), r)]
@@ -38,9 +38,9 @@ def tiny_model(seed):
 def make_engine(model):
     import keras
     if keras.backend.backend() == "jax":
-        from runtime.jax_engine import JaxEngine
+        from engines.jax_engine import JaxEngine
         return JaxEngine(model, None, None, None)
-    from runtime.tf_engine import TFEngine
+    from engines.tf_engine import TFEngine
     return TFEngine(model, None, None, None)
 
 
@@ -80,7 +80,7 @@ def brute_force(model, volume, window, starts, tta):
 def check_against_brute_force():
     """Sliding windows (with and without TTA), the centred window with TTA and an ensemble of two
     weight sets, each against its NumPy re-computation, on the current Keras backend."""
-    from runtime.inference import Inference
+    from loops.inference import Inference
     rng = np.random.default_rng(0)
     model = tiny_model(seed=1)
     engine = make_engine(model)
@@ -146,7 +146,7 @@ def trained_dirs(tmp_path_factory):
     """Phantom records (one validation volume of 48×48×40) and three checkpoint folders: two
     UNet3Ds of other seeds, and one of another network (batch normalization)."""
     from model.unet3d import build_unet3d
-    from runtime import checkpoint
+    from loops import checkpoint
     root = tmp_path_factory.mktemp("ensemble")
     records = phantom_records(str(root), 3, (48, 48, 40), seed=4)
     dirs = {}
@@ -184,7 +184,7 @@ def test_ensemble_of_two_checkpoints_is_the_mean_of_their_probabilities(trained_
     assert main(cli(records, root, "--exec_mode", "evaluate", "--model_dir", dirs["a"], dirs["b"])) == 0
     import json
     logged = [json.loads(line) for line in open(root / "logs" / "log.json")][-1]["data"]
-    (_, labels), = list(BratsData(records, 1, num_folds=3).eval_dataset(whole=True).as_numpy_iterator())
+    (_, labels), = list(BratsData(records, 1, num_folds=3).eval_volumes().as_numpy_iterator())
     labels, predicted = labels[0][..., 1:], np.round(ensemble.astype(np.float32))[..., 1:]
     dice = 2 * np.sum(labels * predicted, axis=(0, 1, 2)) / (labels.sum((0, 1, 2)) + predicted.sum((0, 1, 2)) + 1e-5)
     np.testing.assert_allclose([logged["TumorCore"], logged["PeritumoralEdema"], logged["EnhancingTumor"]],

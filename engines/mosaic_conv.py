@@ -2,8 +2,8 @@
 
 On the JAX backend with one Hopper GPU, UNet3D's Conv3D layers of up to 32 channels in and out (the
 128³ level of a training crop) compute their forward pass and their input gradient with this kernel
-and their kernel gradient with XLA (`hopper_convolution`, chosen by runtime/tasks.py; --conv_kernel
-keras turns it off). On an H100 it takes 0.55–1.0 ms where cuDNN takes 1.3–1.5 (docs/performance.md).
+and their kernel gradient with XLA (`hopper_convolution`, chosen by engines/kernels.py; --conv_kernel
+keras turns it off). Its timings against cuDNN are in docs/performance.md.
 
 Channels-last. A program owns `rows` consecutive rows (fixed depth d, rows h, all W voxels) of the
 output. For one output row it adds, over the nine (kd, kh) taps, the product of the input row

@@ -70,38 +70,35 @@ def local_device(backend, tf=None, hpu=None):
     return Device("cpu", cpu_flags())
 
 
-def choose_dtype(args, device):
-    """Fill in `args.dtype` when it was left to the tool, with a one-line notice of the choice and
-    why (stdout); warn once (stderr) when an explicit bf16 or `--use_amp` will be emulated.
-    Returns args.dtype."""
-    if args.use_amp:
+def choose_dtype(precision, device):
+    """The dtype of the run ('fp32', 'bf16', or 'fp16' with --use_amp) for `precision` (the
+    PrecisionSettings) on `device`: when left to the tool, bf16 where the device runs it natively,
+    with a one-line notice of the choice and why (stdout); an explicit bf16 or --use_amp that will
+    be emulated warns once (stderr)."""
+    if precision.use_amp:
         native, why = device.native("fp16")
         if not native:
             print(f"warning: --use_amp: {why}: float16 is emulated and much slower than fp32 here; "
                   "leave out --use_amp", file=sys.stderr, flush=True)
-        args.dtype = args.dtype or "fp32"
-        return args.dtype
+        return "fp16"
     native, why = device.native("bf16")
-    if args.dtype is None:
-        args.dtype = "bf16" if native else "fp32"
+    if precision.dtype is None:
+        dtype = "bf16" if native else "fp32"
         other = ("--dtype fp32 for full precision" if native
                  else "--dtype bf16 forces it, emulated and much slower")
-        print(f"--dtype {args.dtype} chosen: {why}; {other}", flush=True)
-    elif args.dtype == "bf16" and not native:
+        print(f"--dtype {dtype} chosen: {why}; {other}", flush=True)
+        return dtype
+    if precision.dtype == "bf16" and not native:
         print(f"warning: --dtype bf16: {why}: bf16 is emulated and much slower than --dtype fp32 "
               "here", file=sys.stderr, flush=True)
-    return args.dtype
+    return precision.dtype
 
 
-def set_policy(args, hpu=None):
-    """Keras' dtype policy for args.dtype: mixed_float16 with --use_amp, mixed_bfloat16 for bf16
-    (but float32 on HPU, where Habana's bridge converts the graph itself), else float32."""
-    import keras
-    if args.use_amp:
-        policy = "mixed_float16"
-    elif args.dtype == "bf16" and hpu is None:
-        policy = "mixed_bfloat16"
-    else:
-        policy = "float32"
-    keras.mixed_precision.set_dtype_policy(policy)
-    return policy
+def keras_policy(dtype, hpu=None):
+    """Keras' dtype policy for a dtype: mixed_float16 for fp16, mixed_bfloat16 for bf16 (but
+    float32 on HPU, where Habana's bridge converts the graph itself), else float32."""
+    if dtype == "fp16":
+        return "mixed_float16"
+    if dtype == "bf16" and hpu is None:
+        return "mixed_bfloat16"
+    return "float32"

@@ -1,14 +1,14 @@
-"""Command line of the tool: every flag of the UNet3D reference, grouped so that other models fit.
+"""The command line: every flag of the references, grouped by section, parsed into `Settings`.
 
-`parse_args` returns an `argparse.Namespace`; every check that needs more than one flag lives in
-`check_args`, which reports a problem as a one-line argparse error naming the flag.
+This is the one module that sees the argparse Namespace: `parse_args` hands its values to
+common/settings.py, which fills the defaults and checks the flags together, binding the
+network-defining ones to a model_dir's saved settings. Errors are one line naming the flag.
 """
 import argparse
 import os
 
-EXEC_MODES = ("train", "evaluate", "train_and_evaluate", "predict", "train_and_predict")
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_BF16_CONFIG = os.path.join(HERE, "bf16_config", "unet.json")
+from common.run_record import saved_network
+from common.settings import EXEC_MODES, MODELS, FlagError, resolve
 
 
 def positive_int(text):
@@ -37,12 +37,12 @@ def positive_float(text):
 
 def _add_run_flags(parser):
     group = parser.add_argument_group("run")
-    group.add_argument("--model", choices=("unet3d", "vnet"), default="unet3d",
-                       help="unet3d (BraTS TFRecords) or vnet (an MSD task folder) "
-                            "(default: %(default)s)")
+    group.add_argument("--model", choices=MODELS, default=None,
+                       help="unet3d (BraTS TFRecords) or vnet (an MSD task folder) (default: the "
+                            "model_dir's saved settings, else unet3d)")
     group.add_argument("--exec_mode", default="train_and_evaluate", choices=EXEC_MODES,
                        help="what to do (default: %(default)s)")
-    group.add_argument("--model_dir", nargs="+", default=["./results"],
+    group.add_argument("--model_dir", dest="model_dirs", nargs="+", default=["./results"],
                        help="checkpoints and predictions go here (default: ./results); evaluate "
                             "and predict take several, an ensemble averaging their probabilities")
     group.add_argument("--output_dir", default=None,
@@ -181,39 +181,6 @@ def _add_vnet_flags(parser):
                             "cases in dataset.json order (default: 0)")
 
 
-COMMON_DEFAULTS = {"batch_size": (2, 8), "seed": (None, 0), "log_every": (100, 10),
-                   "warmup_steps": (40, 200), "augment": (True, False), "loss": ("dice+ce", "dice"),
-                   "dtype": (None, "fp32")}  # None: bf16 where native, else fp32 (runtime/precision.py)
-UNET3D_DEFAULTS = {"max_steps": 16000, "fold": 0, "num_folds": 5, "learning_rate": 0.0002,
-                   "normalization": "instancenorm", "include_background": False}
-VNET_DEFAULTS = {"data_normalization": "zscore", "activation": "relu", "resize_interpolator": "linear",
-                 "normalization_layer": "batchnorm", "pooling": "conv_pool",
-                 "upsampling": "transposed_conv", "input_shape": [32, 32, 32],
-                 "downscale_blocks": [3, 3, 3], "upscale_blocks": [3, 3], "convolution_size": 3,
-                 "train_epochs": 1, "optimizer": "rmsprop", "gradient_clipping": "global_norm",
-                 "base_lr": 0.0001, "momentum": 0.0, "train_split": 1.0, "split_seed": 0}
-
-
-def apply_model_defaults(parser, args):
-    """Reject the other model's flags, then fill in this model's defaults."""
-    own, other = ((UNET3D_DEFAULTS, VNET_DEFAULTS) if args.model == "unet3d"
-                  else (VNET_DEFAULTS, UNET3D_DEFAULTS))
-    for name in other:
-        if getattr(args, name) is not None:
-            parser.error(f"argument --{name}: belongs to --model "
-                         f"{'vnet' if args.model == 'unet3d' else 'unet3d'}, not {args.model}")
-    if args.model == "vnet" and args.loss not in (None, "dice"):
-        parser.error(f"argument --loss: vnet trains with the dice loss, got {args.loss}")
-    column = 0 if args.model == "unet3d" else 1
-    for name, values in COMMON_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, values[column])
-    for name, value in own.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    return args
-
-
 def _add_precision_flags(parser):
     group = parser.add_argument_group("precision and devices")
     group.add_argument("--backend", choices=("tensorflow", "jax"), default=None,
@@ -242,7 +209,7 @@ def _add_precision_flags(parser):
                        help="auto: with --backend jax, bf16 and one Hopper GPU (H100, H200), UNet3D's "
                             "3×3×3 convolutions of up to 32 channels (its 128³ level in training) "
                             "compute their forward pass and input gradient with the tool's Mosaic GPU "
-                            "kernel (runtime/mosaic_conv.py; about 7%% more images/s on an H100); "
+                            "kernel (engines/mosaic_conv.py; about 7%% more images/s on an H100); "
                             "keras: Keras's (XLA's) convolutions everywhere (default: %(default)s)")
     group.add_argument("--no_hpu", action="store_true",
                        help="do not look for a Habana Gaudi card. Without this flag the HPU is used "
@@ -258,10 +225,6 @@ def _add_precision_flags(parser):
     group.add_argument("--kubernetes_run", default=False, help=argparse.SUPPRESS)
 
 
-JAX_PROCESS_FLAGS = {"coordinator_address": "JAX_COORDINATOR_ADDRESS",
-                     "num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
-
-
 def _add_jax_process_flags(parser):
     group = parser.add_argument_group(
         "several JAX processes (--backend jax)",
@@ -275,42 +238,6 @@ def _add_jax_process_flags(parser):
     group.add_argument("--process_id", type=non_negative_int, default=None,
                        help="this process's index, 0 to num_processes - 1; process 0 saves, "
                             "evaluates, predicts and logs (default: $JAX_PROCESS_ID)")
-
-
-def check_jax_process_flags(parser, args, environ):
-    """The three flags of several JAX processes, filled in from JAX_* variables and checked."""
-    from runtime.cluster import launched_by
-    if args.backend != "jax":
-        for name in JAX_PROCESS_FLAGS:
-            if getattr(args, name) is not None:
-                parser.error(f"argument --{name}: needs --backend jax (TensorFlow workers come from "
-                             "mpirun, srun or TF_CONFIG)")
-        return
-    for name, variable in JAX_PROCESS_FLAGS.items():
-        text = environ.get(variable)
-        if getattr(args, name) is not None or not text:
-            continue
-        if name == "coordinator_address":
-            args.coordinator_address = text
-            continue
-        lowest = 1 if name == "num_processes" else 0
-        if not text.isdigit() or int(text) < lowest:
-            parser.error(f"{variable}={text}: must be an integer of at least {lowest}")
-        setattr(args, name, int(text))
-    address, count, index = args.coordinator_address, args.num_processes, args.process_id
-    if address is not None:
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
-            parser.error(f"argument --coordinator_address: HOST:PORT of process 0, got {address}")
-    if count is not None and index is not None and index >= count:
-        parser.error(f"argument --process_id: must be below --num_processes ({count}), got {index}")
-    if launched_by(environ) in ("mpi", "slurm"):
-        return  # JAX detects what is not given
-    given = [f"--{name}" for name in JAX_PROCESS_FLAGS if getattr(args, name) is not None]
-    if given and len(given) < len(JAX_PROCESS_FLAGS):
-        missing = [f"--{name}" for name in JAX_PROCESS_FLAGS if getattr(args, name) is None]
-        parser.error(f"argument {given[0]}: needs {' and '.join(missing)} too (outside mpirun and "
-                     "srun)")
 
 
 class Parser(argparse.ArgumentParser):
@@ -334,50 +261,24 @@ def build_parser():
     return parser
 
 
-def check_args(parser, args):
-    """Cross-flag checks; a failure exits through `parser.error` with a one-line message."""
-    apply_model_defaults(parser, args)
-    check_model_dirs(parser, args)
-    args.backend = args.backend or os.environ.get("KERAS_BACKEND") or "tensorflow"
-    if args.backend not in ("tensorflow", "jax"):
-        parser.error(f"KERAS_BACKEND={args.backend}: this tool runs on tensorflow or jax")
-    if args.backend == "jax":
-        for flag in ("use_horovod", "use_amp"):
-            if getattr(args, flag):
-                parser.error(f"argument --{flag}: needs --backend tensorflow (on jax use --dtype bf16; "
-                             "several processes join through jax.distributed)")
-    check_jax_process_flags(parser, args, os.environ)
-    if args.model == "unet3d" and args.fold >= args.num_folds:
-        parser.error(f"argument --fold: must be below --num_folds ({args.num_folds}), "
-                     f"got {args.fold}")
-    if args.model == "vnet" and not 0.0 < args.train_split <= 1.0:
-        parser.error(f"argument --train_split: must be in (0, 1], got {args.train_split}")
-    if args.model == "vnet" and len(args.upscale_blocks) != len(args.downscale_blocks) - 1:
-        parser.error("argument --upscale_blocks: needs one block fewer than --downscale_blocks "
-                     f"({len(args.downscale_blocks)}), got {len(args.upscale_blocks)}")
-    if args.data_dir is not None and not os.path.isdir(args.data_dir):
-        parser.error(f"argument --data_dir: {args.data_dir} is not a folder")
-    args.bf16_config_explicit = args.bf16_config_path is not None
-    args.bf16_config_path = args.bf16_config_path or DEFAULT_BF16_CONFIG
-    if args.bf16_config_explicit and not os.path.isfile(args.bf16_config_path):
-        parser.error(f"argument --bf16_config_path: {args.bf16_config_path} does not exist")
-    return args
+def parse_args(argv=None, environ=None):
+    """Parse and check the command line (sys.argv[1:] when argv is None) into frozen Settings.
 
-
-def check_model_dirs(parser, args):
-    """One --model_dir to train; several (an ensemble) only to evaluate or predict. Keeps the first
-    in args.model_dir and every one in args.model_dirs."""
-    dirs = [args.model_dir] if isinstance(args.model_dir, str) else list(args.model_dir)
-    if len(dirs) > 1 and args.exec_mode.startswith("train"):
-        parser.error(f"argument --model_dir: --exec_mode {args.exec_mode} trains into one folder, "
-                     f"got {len(dirs)}; several (an ensemble) are for evaluate and predict")
-    if args.sliding_window and args.model == "vnet":
-        parser.error("argument --sliding_window: V-Net's inputs are resampled whole onto "
-                     "--input_shape; leave it out for --model vnet (--tta works for both)")
-    args.model_dirs, args.model_dir = dirs, dirs[0]
-
-
-def parse_args(argv=None):
-    """Parse and check the command line (sys.argv[1:] when argv is None)."""
+    A flag error exits with status 2 and one line; an unreadable saved settings file or an
+    ensemble of different networks is a UserError.
+    """
+    from loops.checkpoint import latest_checkpoint
+    from setup.cluster import launched_by
     parser = build_parser()
-    return check_args(parser, parser.parse_args(argv))
+    flags = dict(vars(parser.parse_args(argv)))
+    for name in ("num_workers_per_hls", "hls_type", "kubernetes_run"):  # the reference's, unused
+        flags.pop(name)
+    environ = os.environ if environ is None else environ
+    reads_saved = flags["exec_mode"] in ("evaluate", "predict") or flags["resume_training"]
+    saved = None
+    if reads_saved:
+        saved = saved_network(flags["model_dirs"], lambda d: latest_checkpoint(d) is not None)
+    try:
+        return resolve(flags, environ, launched_by(environ), saved)
+    except FlagError as err:
+        parser.error(str(err))

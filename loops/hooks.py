@@ -1,6 +1,6 @@
 """Hooks: what happens around the steps of every mode (logs, progress, benchmark, TensorBoard, checkpoints).
 
-The loops in runtime/trainer.py call, on every hook of a `Hooks` list:
+The loops in loops/trainer.py call, on every hook of a `Hooks` list:
   begin(mode, total_steps, first_step)   mode is "train", "eval" or "predict"
   after_step(mode, step, batch_size, loss)   loss is a float when the step was synced, else None
   end(mode, step, results)   results: the metrics of an evaluation, else {}

@@ -1,4 +1,5 @@
-"""Writing predicted masks: NumPy windows (SPEC) and NIfTI volumes in the BraTS convention."""
+"""Predicted masks as NIfTI files of the source grid: BraTS labels for UNet3D, MSD images' grids for
+V-Net."""
 import os
 
 import nibabel as nib
@@ -19,12 +20,27 @@ def brats_nifti(mask, record):
     return nib.Nifti1Image(volume, record["affine"])
 
 
-def nifti_writer(out_dir, records):
+def brats_nifti_writer(out_dir, records):
     """A `mask_fn(i, mask)` that saves mask i as out_dir/<case>.nii.gz (vol_<i> without a name)."""
     os.makedirs(out_dir, exist_ok=True)
 
     def write(index, mask):
         name = records[index]["case"] or f"vol_{index}"
         nib.save(brats_nifti(mask, records[index]), os.path.join(out_dir, f"{name}.nii.gz"))
+
+    return write
+
+
+def msd_nifti_writer(out_dir, paths, names):
+    """A `mask_fn(i, mask)` that resamples mask i back onto the grid of the MSD image paths[i] and
+    saves it as out_dir/<names[i]>.nii.gz."""
+    import SimpleITK as sitk
+
+    from dataset.msd import mask_to_source_grid
+    os.makedirs(out_dir, exist_ok=True)
+
+    def write(index, mask):
+        sitk.WriteImage(mask_to_source_grid(mask, paths[index]),
+                        os.path.join(out_dir, f"{names[index]}.nii.gz"))
 
     return write

@@ -114,7 +114,7 @@ def launched_by(environ):
     return None
 
 
-def start_jax_distributed(args, how):
+def start_jax_distributed(processes, how):
     """Join the other processes through jax.distributed, before JAX touches a device.
 
     The explicit flags (or JAX_* variables) win; what they leave unset JAX detects itself under
@@ -133,28 +133,28 @@ def start_jax_distributed(args, how):
         detection = "mpi4py"
     try:
         jax.distributed.initialize(
-            coordinator_address=args.coordinator_address, num_processes=args.num_processes,
-            process_id=args.process_id, cluster_detection_method=detection,
+            coordinator_address=processes.coordinator_address,
+            num_processes=processes.num_processes, process_id=processes.process_id, cluster_detection_method=detection,
             initialization_timeout=JAX_INIT_TIMEOUT_S,
             heartbeat_timeout_seconds=JAX_HEARTBEAT_TIMEOUT_S,
             shutdown_timeout_seconds=JAX_SHUTDOWN_TIMEOUT_S)
     except (ValueError, jax.errors.JaxRuntimeError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        where = args.coordinator_address or "the address JAX detected"
+        where = processes.coordinator_address or "the address JAX detected"
         raise UserError(f"jax.distributed: could not join the other processes at {where} ({reason}); "
                         f"start every process within {JAX_INIT_TIMEOUT_S} s, with the same "
                         "--coordinator_address and --num_processes and its own --process_id "
                         "when not under mpirun or srun") from None
 
 
-def make_jax_cluster(args, how):
+def make_jax_cluster(processes, how):
     """One process over its local devices, or one of several joined through jax.distributed."""
     if how == "tf_config":
         raise UserError("TF_CONFIG is set: it describes TensorFlow workers; with --backend jax "
                         "launch with mpirun, srun or --coordinator_address, --num_processes and "
                         "--process_id (or unset TF_CONFIG)")
-    if how is not None or args.coordinator_address:
-        start_jax_distributed(args, how)
+    if how is not None or processes.coordinator_address:
+        start_jax_distributed(processes, how)
     import jax
     several = jax.process_count() > 1
     return Cluster(None, jax.process_index(), jax.process_count(), num_replicas=jax.device_count(),
@@ -180,16 +180,17 @@ def end_now_if_distributed(code, message=None):
     return code
 
 
-def make_cluster(args, tf):
-    """The Cluster of this process; must run before TensorFlow or JAX touches a device.
+def make_cluster(precision, processes, tf):
+    """The Cluster of this process (`precision`: the backend and --use_horovod; `processes`: the
+    JAX process flags); must run before TensorFlow or JAX touches a device.
 
     With the JAX backend `tf` may be None.
     """
     how = launched_by(os.environ)
-    if args.backend == "jax":
-        return make_jax_cluster(args, how)
+    if precision.backend == "jax":
+        return make_jax_cluster(processes, how)
 
-    if args.use_horovod:
+    if precision.use_horovod:
         hvd = import_horovod()
         hvd.init()
         gpus = tf.config.list_physical_devices("GPU")

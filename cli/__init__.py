@@ -1,0 +1,1 @@
+"""The command line: flags, their parsing into Settings, and the cross-validation table."""

@@ -1,0 +1,336 @@
+"""The run's settings: frozen sections with the reference's defaults, and every cross-flag check.
+
+`resolve(flags, ...)` turns the parsed command line (a plain dict of flag values, None where a
+flag was left out) into one frozen `Settings`; nothing changes it afterwards. A problem is a
+`FlagError` whose text names the flag; the command line reports it as a one-line error.
+
+The network-defining fields (`NETWORK_FIELDS`) of a model_dir's saved settings bind: a flag that
+repeats one may be left out, one that contradicts it is an error (common/run_record.py reads them).
+"""
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_BF16_CONFIG = os.path.join(HERE, "bf16_config", "unet.json")
+
+EXEC_MODES = ("train", "evaluate", "train_and_evaluate", "predict", "train_and_predict")
+TRAINS = ("train", "train_and_evaluate", "train_and_predict")
+EVALUATES = ("evaluate", "train_and_evaluate")
+PREDICTS = ("predict", "train_and_predict")
+MODELS = ("unet3d", "vnet")
+
+
+class FlagError(ValueError):
+    """A flag, or a combination of flags, the tool cannot run with; the text names the flag."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What to do and where: the mode, the folders, checkpoints, logging and benchmarking."""
+    model: str = "unet3d"
+    exec_mode: str = "train_and_evaluate"
+    model_dirs: tuple = ("./results",)
+    output_dir: Optional[str] = None
+    log_dir: str = "/tmp/unet3d_logs"
+    resume_training: bool = False
+    disable_ckpt_saving: bool = False
+    ckpt_every: int = 1000
+    save_nifti: bool = False
+    benchmark: bool = False
+    warmup_steps: int = 40
+    log_every: int = 100
+    tensorboard_logging: bool = False
+    log_all_workers: bool = False
+    tf_verbosity: Optional[int] = None
+    dump_config: Optional[str] = None
+
+    @property
+    def model_dir(self):
+        """The folder training writes into (the first of an ensemble)."""
+        return self.model_dirs[0]
+
+    @property
+    def trains(self):
+        """Whether this mode trains."""
+        return self.exec_mode in TRAINS
+
+    @property
+    def evaluates(self):
+        """Whether this mode evaluates."""
+        return self.exec_mode in EVALUATES
+
+    @property
+    def predicts(self):
+        """Whether this mode predicts."""
+        return self.exec_mode in PREDICTS
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Where the data comes from and how training batches are drawn."""
+    data_dir: Optional[str] = None
+    batch_size: int = 2
+    seed: Optional[int] = None
+    augment: bool = True
+    synth_data: bool = False
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How evaluate and predict see a volume: the centred window, or sliding windows, mirroring."""
+    sliding_window: bool = False
+    overlap: float = 0.5
+    sw_batch_size: int = 2
+    tta: bool = False
+    save_probabilities: bool = False
+
+
+@dataclass(frozen=True)
+class PrecisionSettings:
+    """Backend, precision and devices as asked for (setup/machine.py resolves what is left open)."""
+    backend: str = "tensorflow"
+    dtype: Optional[str] = None  # None: bf16 where the device runs it natively, else fp32
+    use_amp: bool = False
+    use_xla: Optional[bool] = None  # None: on with a GPU, off on CPU and HPU; always on with jax
+    conv_kernel: str = "auto"
+    no_hpu: bool = False
+    bf16_config_path: str = DEFAULT_BF16_CONFIG
+    bf16_config_explicit: bool = False
+    use_horovod: bool = False
+
+
+@dataclass(frozen=True)
+class ProcessSettings:
+    """Several JAX processes started by hand (mpirun and srun need none of these)."""
+    coordinator_address: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class UNet3DSettings:
+    """UNet3D on BraTS: the network, its loss and optimizer, the folds and the steps."""
+    max_steps: int = 16000
+    fold: int = 0
+    num_folds: int = 5
+    learning_rate: float = 0.0002
+    loss: str = "dice+ce"
+    normalization: str = "instancenorm"
+    include_background: bool = False
+    in_channels: int = 4
+    n_classes: int = 4
+
+    NETWORK_FIELDS = ("normalization", "in_channels", "n_classes", "include_background")
+
+
+@dataclass(frozen=True)
+class VNetSettings:
+    """V-Net on an MSD task: resampling, the network, its optimizer and the epochs."""
+    data_normalization: str = "zscore"
+    activation: str = "relu"
+    resize_interpolator: str = "linear"
+    normalization_layer: str = "batchnorm"
+    pooling: str = "conv_pool"
+    upsampling: str = "transposed_conv"
+    input_shape: tuple = (32, 32, 32)
+    downscale_blocks: tuple = (3, 3, 3)
+    upscale_blocks: tuple = (3, 3)
+    convolution_size: int = 3
+    train_epochs: int = 1
+    optimizer: str = "rmsprop"
+    gradient_clipping: str = "global_norm"
+    base_lr: float = 0.0001
+    momentum: float = 0.0
+    train_split: float = 1.0
+    split_seed: int = 0
+    loss: str = "dice"
+
+    NETWORK_FIELDS = ("data_normalization", "activation", "resize_interpolator", "normalization_layer",
+                      "pooling", "upsampling", "input_shape", "downscale_blocks", "upscale_blocks",
+                      "convolution_size")
+
+
+NETWORK_SECTIONS = {"unet3d": UNet3DSettings, "vnet": VNetSettings}
+# Flags whose default differs between the networks: (unet3d, vnet).
+MODEL_DEFAULTS = {"batch_size": (2, 8), "seed": (None, 0), "log_every": (100, 10),
+                  "warmup_steps": (40, 200), "augment": (True, False), "dtype": (None, "fp32")}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every section of one run; `network` is the UNet3DSettings or VNetSettings of `run.model`."""
+    run: RunSettings = field(default_factory=RunSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
+    precision: PrecisionSettings = field(default_factory=PrecisionSettings)
+    processes: ProcessSettings = field(default_factory=ProcessSettings)
+    network: object = field(default_factory=UNet3DSettings)
+
+    def network_fields(self):
+        """{name: value} of what defines the network's function, the model's name included."""
+        values = {"model": self.run.model}
+        for name in type(self.network).NETWORK_FIELDS:
+            value = getattr(self.network, name)
+            values[name] = list(value) if isinstance(value, tuple) else value
+        return values
+
+
+def _own_fields(section):
+    return [f.name for f in dataclasses.fields(section)]
+
+
+def _section(cls, flags, **extra):
+    """An instance of `cls` from the flags that are set (None: the dataclass default)."""
+    values = {name: flags[name] for name in _own_fields(cls) if flags.get(name) is not None}
+    values.update(extra)
+    for name, value in values.items():
+        if isinstance(value, list):
+            values[name] = tuple(value)
+    return cls(**values)
+
+
+def _bind(flags, saved, model_dir):
+    """Fill the network-defining flags left out from `saved`; a contradicting flag is an error."""
+    for name, value in saved.items():
+        given = flags.get(name)
+        if isinstance(given, (list, tuple)):
+            given = list(given)
+        if given is None:
+            flags[name] = value
+        elif given != value:
+            shown = " ".join(map(str, value)) if isinstance(value, list) else value
+            given_shown = " ".join(map(str, given)) if isinstance(given, list) else given
+            raise FlagError(f"argument --{name}: {given_shown} contradicts {shown}, with which "
+                            f"{model_dir} was trained (its settings.json); leave the flag out or "
+                            "choose another --model_dir")
+
+
+def resolve(flags, environ=None, launcher=None, saved=None):
+    """The frozen Settings of a parsed command line.
+
+    `flags`: {flag name: value or None}; `environ`: where KERAS_BACKEND and the JAX_* process
+    variables are read (default os.environ); `launcher`: 'mpi', 'slurm', 'tf_config' or None;
+    `saved`: (model_dir, network fields) of a model_dir trained before, which bind.
+    """
+    flags = dict(flags)
+    environ = os.environ if environ is None else environ
+    dirs = flags.get("model_dirs") or ["./results"]
+    flags["model_dirs"] = [dirs] if isinstance(dirs, str) else list(dirs)
+    exec_mode = flags.get("exec_mode") or "train_and_evaluate"
+    if len(flags["model_dirs"]) > 1 and exec_mode in TRAINS:
+        raise FlagError(f"argument --model_dir: --exec_mode {exec_mode} trains into one folder, got "
+                        f"{len(flags['model_dirs'])}; several (an ensemble) are for evaluate and "
+                        "predict")
+    if saved is not None:
+        _bind(flags, saved[1], saved[0])
+    model = flags.get("model") or "unet3d"
+    flags["model"] = model
+    _check_model_flags(flags, model)
+    column = MODELS.index(model)
+    for name, values in MODEL_DEFAULTS.items():
+        if flags.get(name) is None:
+            flags[name] = values[column]
+    backend = flags.get("backend") or environ.get("KERAS_BACKEND") or "tensorflow"
+    if backend not in ("tensorflow", "jax"):
+        raise FlagError(f"KERAS_BACKEND={backend}: this tool runs on tensorflow or jax")
+    flags["backend"] = backend
+    _check_backend(flags)
+    _fill_processes(flags, environ, launcher)
+    bf16_explicit = flags.get("bf16_config_path") is not None
+    settings = Settings(
+        run=_section(RunSettings, flags),
+        data=_section(DataSettings, flags),
+        inference=_section(InferenceSettings, flags),
+        precision=_section(PrecisionSettings, flags, bf16_config_explicit=bf16_explicit),
+        processes=_section(ProcessSettings, flags),
+        network=_section(NETWORK_SECTIONS[model], flags))
+    check(settings)
+    return settings
+
+
+def _check_model_flags(flags, model):
+    other = "vnet" if model == "unet3d" else "unet3d"
+    own = set(_own_fields(NETWORK_SECTIONS[model]))
+    for name in _own_fields(NETWORK_SECTIONS[other]):
+        if name not in own and flags.get(name) is not None:
+            raise FlagError(f"argument --{name}: belongs to --model {other}, not {model}")
+    if model == "vnet" and flags.get("loss") not in (None, "dice"):
+        raise FlagError(f"argument --loss: vnet trains with the dice loss, got {flags['loss']}")
+
+
+def _check_backend(flags):
+    if flags["backend"] == "jax":
+        for name in ("use_horovod", "use_amp"):
+            if flags.get(name):
+                raise FlagError(f"argument --{name}: needs --backend tensorflow (on jax use --dtype "
+                                "bf16; several processes join through jax.distributed)")
+        return
+    for name in ProcessSettings.__dataclass_fields__:
+        if flags.get(name) is not None:
+            raise FlagError(f"argument --{name}: needs --backend jax (TensorFlow workers come from "
+                            "mpirun, srun or TF_CONFIG)")
+
+
+JAX_PROCESS_VARIABLES = {"coordinator_address": "JAX_COORDINATOR_ADDRESS",
+                         "num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
+
+
+def _fill_processes(flags, environ, launcher):
+    """The three flags of several JAX processes, filled in from JAX_* variables and checked."""
+    if flags["backend"] != "jax":
+        return
+    for name, variable in JAX_PROCESS_VARIABLES.items():
+        text = environ.get(variable)
+        if flags.get(name) is not None or not text:
+            continue
+        if name == "coordinator_address":
+            flags[name] = text
+            continue
+        lowest = 1 if name == "num_processes" else 0
+        if not text.isdigit() or int(text) < lowest:
+            raise FlagError(f"{variable}={text}: must be an integer of at least {lowest}")
+        flags[name] = int(text)
+    address, count, index = (flags.get(n) for n in JAX_PROCESS_VARIABLES)
+    if address is not None:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise FlagError(f"argument --coordinator_address: HOST:PORT of process 0, got {address}")
+    if count is not None and index is not None and index >= count:
+        raise FlagError(f"argument --process_id: must be below --num_processes ({count}), got {index}")
+    if launcher in ("mpi", "slurm"):
+        return  # JAX detects what is not given
+    given = [f"--{n}" for n in JAX_PROCESS_VARIABLES if flags.get(n) is not None]
+    if given and len(given) < len(JAX_PROCESS_VARIABLES):
+        missing = [f"--{n}" for n in JAX_PROCESS_VARIABLES if flags.get(n) is None]
+        raise FlagError(f"argument {given[0]}: needs {' and '.join(missing)} too (outside mpirun "
+                        "and srun)")
+
+
+def check(settings):
+    """The checks between sections; a FlagError names the flag."""
+    run, data, net = settings.run, settings.data, settings.network
+    if settings.inference.sliding_window and run.model == "vnet":
+        raise FlagError("argument --sliding_window: V-Net's inputs are resampled whole onto "
+                        "--input_shape; leave it out for --model vnet (--tta works for both)")
+    if run.model == "unet3d" and net.fold >= net.num_folds:
+        raise FlagError(f"argument --fold: must be below --num_folds ({net.num_folds}), got "
+                        f"{net.fold}")
+    if run.model == "vnet":
+        if not 0.0 < net.train_split <= 1.0:
+            raise FlagError(f"argument --train_split: must be in (0, 1], got {net.train_split}")
+        if len(net.upscale_blocks) != len(net.downscale_blocks) - 1:
+            raise FlagError("argument --upscale_blocks: needs one block fewer than "
+                            f"--downscale_blocks ({len(net.downscale_blocks)}), got "
+                            f"{len(net.upscale_blocks)}")
+        if data.synth_data:
+            raise FlagError("argument --synth_data: synthetic data is for --model unet3d only")
+    if data.synth_data and run.save_nifti:
+        raise FlagError("argument --save_nifti: synthetic test images have no case grid to write "
+                        "onto; leave out --save_nifti or --synth_data")
+    if data.data_dir is not None and not os.path.isdir(data.data_dir):
+        raise FlagError(f"argument --data_dir: {data.data_dir} is not a folder")
+    precision = settings.precision
+    if precision.bf16_config_explicit and not os.path.isfile(precision.bf16_config_path):
+        raise FlagError(f"argument --bf16_config_path: {precision.bf16_config_path} does not exist")

@@ -1,0 +1,18 @@
+"""Which implementation computes a layer besides Keras's own, per backend and device."""
+
+
+def conv_implementation(machine):
+    """What computes UNet3D's 3×3×3 convolutions besides Keras: with --conv_kernel auto, bf16 and
+    the JAX backend on one Hopper GPU, engines/mosaic_conv.py's kernel (with a one-line notice);
+    else None, Keras's convolution everywhere."""
+    if machine.conv_kernel != "auto" or machine.backend != "jax" or machine.dtype != "bf16":
+        return None
+    try:
+        from engines.mosaic_conv import hopper_convolution
+    except ImportError:  # a JAX without Pallas' Mosaic GPU backend
+        return None
+    implementation = hopper_convolution()
+    if implementation is not None:
+        print("--conv_kernel auto: the bf16 3×3×3 convolutions of up to 32 channels run on the tool's "
+              "Mosaic GPU kernel (--conv_kernel keras for XLA's)", flush=True)
+    return implementation

@@ -1,0 +1,1 @@
+"""The loops of every mode, their hooks, checkpoints and whole-volume inference."""

@@ -1,0 +1,130 @@
+"""The machine a run computes on, resolved once from the settings: backend, devices and workers,
+dtype and its Keras policy, XLA, the seed and the folders this worker writes.
+
+`resolve_machine(settings)` does every side effect of setting up (Habana's module, seeds and op
+determinism, the cluster, the Keras dtype policy) in that order, and returns a frozen `Machine`
+that nothing changes later.
+"""
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from common.errors import UserError
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What a run computes on and writes to; `tf` is TensorFlow when imported, else None."""
+    backend: str
+    tf: object
+    hpu: object  # setup.hpu.Hpu or None
+    cluster: object  # setup.cluster.Cluster
+    device: object  # setup.precision.Device of this process
+    dtype: str  # 'fp32', 'bf16' or 'fp16' (--use_amp)
+    policy: str  # the Keras dtype policy in force
+    use_xla: bool
+    seed: Optional[int]
+    model_dir: str  # this worker's (model_dir/worker_N with --log_all_workers)
+    log_dir: str
+    writes: bool  # this worker saves and logs
+    conv_kernel: str = "auto"
+
+    @property
+    def gpu(self):
+        """Whether the run computes on a GPU."""
+        return self.device.kind == "gpu"
+
+    @property
+    def local_batch(self):
+        """Devices one process feeds: its batches hold batch_size per local device on JAX."""
+        return self.cluster.local_replicas if self.backend == "jax" else 1
+
+
+def writable_dir(path, flag):
+    """Create `path` if needed and check that files can be written there."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise UserError(f"{flag} {path}: not writable ({err.strerror}); choose another folder") from None
+    return path
+
+
+def seed_everything(seed, backend, tf):
+    """Seed Python, NumPy and TensorFlow (and make TensorFlow's ops deterministic)."""
+    if seed is None:
+        return
+    random.seed(seed)
+    np.random.seed(seed)
+    if tf is not None:
+        tf.random.set_seed(seed)
+    if backend == "tensorflow":
+        tf.config.experimental.enable_op_determinism()
+
+
+def _agreed_seed(seed, cluster):
+    """Several JAX processes build their weights on the global mesh, which JAX checks to be the
+    same on every process: without --seed they all take process 0's random seed."""
+    if cluster.broadcasts and seed is None:
+        return int(cluster.broadcast(np.int32(np.random.SeedSequence().entropy % 2 ** 31)))
+    return seed
+
+
+def _import_tensorflow(settings):
+    """TensorFlow for the TF backend or for tf.data inputs (then without GPUs, which are JAX's)."""
+    from common.quiet_import import import_tensorflow
+    precision = settings.precision
+    if precision.backend == "jax" and settings.data.synth_data:
+        return None
+    tf = import_tensorflow(settings.run.tf_verbosity)
+    if precision.backend == "jax":
+        tf.config.set_visible_devices([], "GPU")
+    return tf
+
+
+def resolve_machine(settings):
+    """Set the machine up for `settings` and describe it (see the module's docstring)."""
+    import keras
+
+    from setup.cluster import make_cluster
+    from setup.hpu import check_bf16_config, setup_hpu
+    from setup.precision import Device, choose_dtype, keras_policy, local_device
+    precision, run = settings.precision, settings.run
+    if precision.bf16_config_explicit:
+        check_bf16_config(precision.bf16_config_path)
+    hpu = setup_hpu(precision, run.tf_verbosity) if precision.backend == "tensorflow" else None
+    tf = _import_tensorflow(settings)
+    seed_everything(settings.data.seed, precision.backend, tf)
+    if precision.backend == "jax":
+        use_xla = True
+    elif precision.use_xla is None:
+        use_xla = bool(tf.config.list_physical_devices("GPU"))
+    else:
+        use_xla = precision.use_xla
+    cluster = make_cluster(precision, settings.processes, tf)
+    with cluster.failures():
+        seed = _agreed_seed(settings.data.seed, cluster)
+        if seed != settings.data.seed:
+            seed_everything(seed, precision.backend, tf)
+        device = Device("hpu") if hpu else local_device(precision.backend, tf)
+        dtype = hpu.dtype if hpu else choose_dtype(precision, device)
+    policy = keras_policy(dtype, hpu)
+    keras.mixed_precision.set_dtype_policy(policy)
+    model_dir, log_dir = run.model_dir, run.log_dir
+    if run.log_all_workers and cluster.num_workers > 1:
+        model_dir = os.path.join(model_dir, f"worker_{cluster.worker_id}")
+        log_dir = os.path.join(log_dir, f"worker_{cluster.worker_id}")
+    writes = cluster.is_chief or run.log_all_workers
+    if writes:
+        writable_dir(model_dir, "--model_dir")
+        if run.output_dir and run.predicts:
+            writable_dir(run.output_dir, "--output_dir")
+        writable_dir(log_dir, "--log_dir")
+    return Machine(backend=precision.backend, tf=tf, hpu=hpu, cluster=cluster, device=device,
+                   dtype=dtype, policy=policy, use_xla=use_xla, seed=seed, model_dir=model_dir,
+                   log_dir=log_dir, writes=writes, conv_kernel=precision.conv_kernel)

@@ -1,0 +1,277 @@
+"""One run of the tool, stage by stage: the machine, the task and its data, model, engine and hooks,
+then the modes. Everything comes from the frozen Settings and the resolved Machine."""
+import itertools
+import math
+import os
+
+import numpy as np
+
+from common import run_record
+from common.errors import UserError
+from loops import checkpoint
+from loops.hooks import (BenchmarkHook, CheckpointHook, Hooks, Logger, LoggingHook, ProfileHook,
+                         ProgressHook, TensorBoardHook)
+from loops.trainer import Trainer
+from setup.machine import resolve_machine
+from tasks.base import make_task
+
+
+def make_hooks(settings, machine, logger, save_fn, global_batch, engine):
+    """The hooks every mode shares."""
+    run = settings.run
+    hooks = [LoggingHook(logger, run.log_every), ProgressHook()]
+    if run.dump_config and logger.enabled:
+        hooks.append(ProfileHook(engine, run.dump_config))
+    if run.benchmark:
+        hooks.append(BenchmarkHook(logger, run.warmup_steps, global_batch))
+    elif save_fn is not None:
+        hooks.append(CheckpointHook(save_fn, run.ckpt_every))
+    if run.tensorboard_logging and logger.enabled:
+        hooks.append(TensorBoardHook(machine.log_dir, hyperparameters(settings, machine),
+                                     run.log_every))
+    return Hooks(hooks)
+
+
+def hyperparameters(settings, machine):
+    """The run's scalar settings, flat, for TensorBoard's hparams."""
+    values = {"dtype": machine.dtype, "use_xla": machine.use_xla}
+    for section in (settings.run, settings.data, settings.inference, settings.precision,
+                    settings.network):
+        for name, value in vars(section).items():
+            if isinstance(value, (bool, int, float, str)):
+                values.setdefault(name, value)
+    return values
+
+
+def saved_fields(settings, machine, data):
+    """(network, run) sections of the run's settings.json (common/run_record.py)."""
+    network = settings.network_fields()
+    if settings.run.model == "vnet":
+        network["n_classes"] = data.n_classes
+    used = {"dtype": machine.dtype, "batch_size": settings.data.batch_size,
+            "backend": machine.backend, "seed": machine.seed, "loss": settings.network.loss,
+            "devices": machine.cluster.num_replicas}
+    return network, used
+
+
+def read_checkpoint(cluster, path, model, optimizer=None):
+    """Load the checkpoint at `path` (None: there is none) into `model` (and `optimizer`); returns
+    its step, or None without one. Several JAX processes take process 0's: it alone reads the
+    file and broadcasts the arrays, and every process assigns the same ones (JAX assigns a
+    variable of the global mesh on every process together)."""
+    if not cluster.broadcasts:
+        return checkpoint.restore(path, model, optimizer) if path is not None else None
+    import keras
+    variables = checkpoint.variables_of(model, optimizer)
+    arrays, step = [np.zeros(v.shape, keras.backend.standardize_dtype(v.dtype)) for v in variables], -1
+    if cluster.is_chief and path is not None:
+        stored, step = checkpoint.load(path)
+        checkpoint.check(stored, path, variables)
+        arrays = stored[:len(variables)]
+    step = int(cluster.broadcast(np.int32(step)))
+    if step < 0:
+        return None
+    for variable, value in zip(variables, cluster.broadcast(arrays)):
+        variable.assign(value)
+    return step
+
+
+def newest_checkpoint(model_dir, exec_mode):
+    """(step, path) of model_dir's newest checkpoint; a UserError when it has none."""
+    found = checkpoint.latest_checkpoint(model_dir)
+    if found is None:
+        raise UserError(f"--model_dir {model_dir}: no checkpoint to {exec_mode.split('_')[-1]} with; "
+                        "train first (--exec_mode train) or point --model_dir at a trained run")
+    return found
+
+
+def restore_for_inference(settings, model, engine, cluster):
+    """Load the newest checkpoint of every --model_dir into `model`, in turn.
+
+    Returns (the first one's step, the members' weights from `engine.snapshot()` when several
+    form an ensemble, else None). A checkpoint that does not fit the first one's network is a
+    UserError naming its folder. Several JAX processes take process 0's checkpoint."""
+    run = settings.run
+    if cluster.broadcasts:
+        path = newest_checkpoint(run.model_dir, run.exec_mode)[1] if cluster.is_chief else None
+        return read_checkpoint(cluster, path, model), None
+    step, members = None, []
+    for model_dir in run.model_dirs:
+        path = newest_checkpoint(model_dir, run.exec_mode)[1]
+        try:
+            restored = read_checkpoint(cluster, path, model)
+        except UserError as err:
+            if not members:
+                raise
+            raise UserError(f"--model_dir {model_dir}: its checkpoint holds another network than the "
+                            f"one in --model_dir {run.model_dirs[0]}, so they cannot form an "
+                            f"ensemble ({err})") from None
+        step = restored if step is None else step
+        members.append(engine.snapshot())
+    return step, members if len(members) > 1 else None
+
+
+def make_inference(settings, data, engine, model, members):
+    """The `Inference` of the settings (sliding windows, mirroring, an ensemble), or None when the
+    plain centred-window steps serve: one model, no mirroring, no probabilities to save."""
+    inference = settings.inference
+    saves = inference.save_probabilities and settings.run.predicts
+    if not (inference.sliding_window or inference.tta or members or saves):
+        return None
+    from loops.inference import Inference
+    from loops.window_layout import sliding_window_shape
+    window = sliding_window_shape(data.volume_shape) if inference.sliding_window else None
+    return Inference(engine, int(model.output.shape[-1]), members=members, window=window,
+                     overlap=inference.overlap, sw_batch_size=inference.sw_batch_size,
+                     tta=inference.tta)
+
+
+def start_step_for_training(settings, machine, model, optimizer):
+    """0 for a new run; the checkpoint's step with --resume_training. Never overwrites silently.
+
+    Several JAX processes take process 0's checkpoint (broadcast from it), so only process 0
+    needs to see model_dir."""
+    cluster, resume = machine.cluster, settings.run.resume_training
+    reads = cluster.is_chief or not cluster.broadcasts
+    found = checkpoint.latest_checkpoint(machine.model_dir) if reads else None
+    if found is not None and not resume:
+        raise UserError(f"--model_dir {machine.model_dir} already holds a checkpoint (step "
+                        f"{found[0]}); add --resume_training to continue it, or choose another "
+                        "--model_dir")
+    if found is None and reads and resume:
+        print(f"no checkpoint in {machine.model_dir}: training from the start", flush=True)
+    step = read_checkpoint(cluster, found and found[1], model, optimizer)
+    if step is None:
+        return 0
+    print(f"resuming from {found[1] if found else 'the checkpoint of process 0'} at step {step}",
+          flush=True)
+    return step
+
+
+def _model_and_optimizer(settings, task, data):
+    import keras
+    model, optimizer = task.model(data), task.optimizer()
+    if settings.precision.use_amp:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer.build(model.trainable_variables)
+    return model, optimizer
+
+
+def build(settings, machine, task, data):
+    """Model, optimizer (built, so its state can be restored) and engine, on the cluster's devices."""
+    loss_fn, metrics_fn = task.loss_and_metrics(data)
+    finish_batch = task.finish_train_batch()
+    cluster = machine.cluster
+    if machine.backend == "jax":
+        import keras
+
+        from engines.jax_engine import JaxEngine
+        distribution = keras.distribution.DataParallel() if cluster.num_replicas > 1 else None
+        keras.distribution.set_distribution(distribution)
+        model, optimizer = _model_and_optimizer(settings, task, data)
+        engine = JaxEngine(model, optimizer, loss_fn, metrics_fn, distribution, finish_batch)
+        return model, optimizer, engine
+
+    from engines.tf_engine import TFEngine
+    with cluster.strategy.scope():
+        model, optimizer = _model_and_optimizer(settings, task, data)
+    hvd = cluster.horovod
+    all_reduce = (lambda grads: [hvd.allreduce(g) for g in grads]) if hvd else None
+    engine = TFEngine(model, optimizer, loss_fn, metrics_fn, use_xla=machine.use_xla,
+                      strategy=cluster.strategy, all_reduce=all_reduce, finish_batch=finish_batch)
+    return model, optimizer, engine
+
+
+def whole_volume(settings):
+    """Whether evaluate and predict need whole volumes in one process (sliding windows, mirroring,
+    probabilities to save, an ensemble)."""
+    inference = settings.inference
+    return (inference.sliding_window or inference.tta or inference.save_probabilities
+            or len(settings.run.model_dirs) > 1)
+
+
+def run(settings):
+    """Run the modes `settings.run.exec_mode` asks for; returns a dict of what each produced."""
+    machine = resolve_machine(settings)
+    cluster, run_settings = machine.cluster, settings.run
+    if cluster.broadcasts and whole_volume(settings) and run_settings.exec_mode != "train":
+        raise UserError("--sliding_window, --tta, --save_probabilities and ensembles run in one "
+                        "process: train with several, then evaluate or predict with one")
+    with cluster.failures():  # a lost peer: one line
+        logger = Logger(machine.log_dir, enabled=machine.writes)
+        task = make_task(run_settings.model, settings.network, settings.data, machine)
+        data = task.data(cluster.worker_id, cluster.num_workers,
+                         settings.data.batch_size * machine.local_batch,
+                         need_eval=run_settings.evaluates, need_test=run_settings.predicts)
+        model, optimizer, engine = build(settings, machine, task, data)
+
+        save_fn = None
+        if (run_settings.trains and machine.writes and not run_settings.benchmark
+                and not run_settings.disable_ckpt_saving):
+            network, used = saved_fields(settings, machine, data)
+
+            def save_fn(step):
+                engine.commit()
+                run_record.write(machine.model_dir, network, used)
+                checkpoint.save(machine.model_dir, step, model, optimizer)
+        global_batch = settings.data.batch_size * cluster.num_replicas
+        hooks = make_hooks(settings, machine, logger, save_fn, global_batch, engine)
+        trainer = Trainer(engine, hooks, run_settings.log_every, sync_every_step=run_settings.benchmark,
+                          dump_dir=run_settings.dump_config if machine.writes else None)
+        return run_modes(settings, machine, task, data, model, optimizer, trainer)
+
+
+def run_modes(settings, machine, task, data, model, optimizer, trainer):
+    """Train, evaluate and predict as the exec_mode asks; returns what each produced."""
+    run_settings, cluster = settings.run, machine.cluster
+    results, step, members = {}, None, None
+    global_batch = settings.data.batch_size * cluster.num_replicas
+    if run_settings.trains:
+        first = 0 if run_settings.benchmark else start_step_for_training(settings, machine, model,
+                                                                          optimizer)
+        if cluster.horovod:
+            cluster.horovod.broadcast_variables(model.variables + optimizer.variables, root_rank=0)
+        last = task.last_step(data, cluster.num_replicas,
+                              run_settings.warmup_steps if run_settings.benchmark else None)
+        if first >= last:
+            print(f"already trained to step {first} (last step {last}); nothing to train", flush=True)
+        else:
+            results["loss"] = trainer.train(lambda: data.train_dataset(first), first, last,
+                                            global_batch)
+        step = max(first, last)
+    elif (cluster.is_chief or cluster.broadcasts) and (not run_settings.benchmark
+                                                        or run_settings.evaluates):
+        step, members = restore_for_inference(settings, model, trainer.engine, cluster)
+
+    if not cluster.is_chief:  # worker 0 alone evaluates and predicts
+        return results
+    inference = make_inference(settings, data, trainer.engine, model, members)
+    sliding = settings.inference.sliding_window
+    if run_settings.evaluates:
+        dataset = data.eval_volumes() if sliding else data.eval_dataset()
+        total = data.n_eval if sliding else math.ceil(data.n_eval / data.batch_size)
+        results["eval"] = trainer.evaluate(dataset, step, inference, total)
+    if run_settings.predicts:
+        results["predictions"] = predict(settings, machine, task, data, trainer, inference)
+    return results
+
+
+def predict(settings, machine, task, data, trainer, inference=None):
+    """A mask per prediction volume into --output_dir or the first --model_dir (none when
+    benchmarking); returns the count."""
+    run_settings, sliding = settings.run, settings.inference.sliding_window
+    dataset = data.test_volumes() if sliding else data.test_dataset()
+    names = task.mask_names(data, data.n_eval if sliding else data.n_test)
+    if run_settings.benchmark:  # the repeats count per-device batches
+        per_step = 1 if sliding else settings.data.batch_size
+        repeats = max(1, math.ceil(2 * run_settings.warmup_steps * per_step / max(len(names), 1)))
+        repeated = (dataset.repeat(repeats) if hasattr(dataset, "repeat")
+                    else itertools.chain.from_iterable(itertools.repeat(dataset, repeats)))
+        return trainer.predict(repeated, inference=inference)
+    out_dir = run_settings.output_dir or machine.model_dir
+    nifti = task.nifti_writer(data, os.path.join(out_dir, "nifti")) if run_settings.save_nifti else None
+    count = trainer.predict(dataset, out_dir, names, nifti, inference,
+                            settings.inference.save_probabilities,
+                            total=math.ceil(len(names) / (1 if sliding else data.batch_size)))
+    print(f"wrote {count} masks to {out_dir}", flush=True)
+    return count

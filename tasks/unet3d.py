@@ -1,0 +1,75 @@
+"""UNet3D on BraTS TFRecords (or the phantom BraTS data, or synthetic data)."""
+from tasks.base import Task
+
+GPU_CHANNEL_MULTIPLE = 8  # cuDNN's fast 3-D convolution kernels want 8 or more input channels
+
+
+class UNet3DTask(Task):
+    """UNet3D's data, model, Adam, dice/ce loss, per-class dice and BraTS masks."""
+
+    def data(self, worker_id=0, num_workers=1, batch_size=None, need_eval=True, need_test=True):
+        """The BraTS pipelines of this worker, in batches of `batch_size` (default --batch_size).
+        Its validation records serve evaluation and prediction alike, so `need_eval` and
+        `need_test` change nothing here."""
+        d, net = self.data_settings, self.net
+        batch_size = batch_size or d.batch_size
+        backend = self.machine.backend if self.machine is not None else "tensorflow"
+        if d.synth_data and backend == "jax":  # NumPy batches: no TensorFlow needed
+            from dataset.synthetic import SyntheticData
+            return SyntheticData(batch_size, seed=self.seed, augment=d.augment)
+        from dataset.data_loader import BratsData, SyntheticTFData
+        if d.synth_data:
+            return SyntheticTFData(batch_size, seed=self.seed, augment=d.augment,
+                                   prefetch_device=self.prefetch_device)
+        data_dir = d.data_dir
+        if data_dir is None:
+            from tasks.demo_data import phantom_brats
+            data_dir = phantom_brats()
+        return BratsData(data_dir, batch_size, fold=net.fold, num_folds=net.num_folds, seed=self.seed,
+                         augment=d.augment, worker_id=worker_id, num_workers=num_workers,
+                         prefetch_device=self.prefetch_device)
+
+    def model(self, data=None):
+        """The UNet3D of SPEC §1.4; on a GPU its image convolution pads the input channels to 8, and
+        on a Hopper GPU under JAX its small convolutions run on the tool's kernel."""
+        from model.unet3d import build_unet3d
+        conv_implementation, multiple = None, None
+        if self.machine is not None:
+            from engines.kernels import conv_implementation as choose
+            conv_implementation = choose(self.machine)
+            multiple = GPU_CHANNEL_MULTIPLE if self.machine.gpu else None
+        return build_unet3d(in_channels=self.net.in_channels, n_classes=self.net.n_classes,
+                            normalization=self.net.normalization, seed=self.seed,
+                            instance_norm=self.instance_norm, image_channel_multiple=multiple,
+                            conv_implementation=conv_implementation)
+
+    def optimizer(self):
+        """Adam(learning_rate)."""
+        import keras
+        return keras.optimizers.Adam(self.net.learning_rate)
+
+    def finish_train_batch(self):
+        """The device half of the training transform: every BraTS pipeline ships compact batches."""
+        from dataset.device_transform import finish_train_batch
+        return finish_train_batch
+
+    def loss_and_metrics(self, data):
+        """(loss_fn, metrics_fn) of SPEC §1.5."""
+        from model.losses import eval_dice_per_sample, get_loss
+        include = self.net.include_background
+        return get_loss(self.net.loss, include), lambda y, p: eval_dice_per_sample(y, p, include)
+
+    def last_step(self, data, num_replicas, warmup_steps=None):
+        """max_steps, divided among the devices unless benchmarking (`warmup_steps` given)."""
+        if warmup_steps is not None:
+            return self.net.max_steps
+        return max(1, self.net.max_steps // num_replicas)
+
+    def mask_names(self, data, count):
+        """vol_<i> for each of the `count` prediction volumes."""
+        return [f"vol_{i}" for i in range(count)]
+
+    def nifti_writer(self, data, out_dir):
+        """Masks as <case>.nii.gz in BraTS labels on the case's grid."""
+        from tasks.masks import brats_nifti_writer
+        return brats_nifti_writer(out_dir, data.eval_records)

@@ -1,0 +1,66 @@
+"""V-Net on an MSD task folder (or the phantom hippocampus data)."""
+import math
+
+from tasks.base import Task
+
+
+class VNetTask(Task):
+    """V-Net's data, model, optimizer, dice loss, per-label dice and resampled masks."""
+
+    def data(self, worker_id=0, num_workers=1, batch_size=None, need_eval=True, need_test=True):
+        """The MSD pipelines of this worker, in batches of `batch_size` (default --batch_size)."""
+        from dataset.msd_loader import MsdData
+        d, net = self.data_settings, self.net
+        data_dir = d.data_dir
+        if data_dir is None:
+            from tasks.demo_data import phantom_msd
+            data_dir = phantom_msd()
+        return MsdData(data_dir, net.input_shape, batch_size or d.batch_size,
+                       train_split=net.train_split, seed=self.seed, augment=d.augment,
+                       interpolator=net.resize_interpolator, data_normalization=net.data_normalization,
+                       worker_id=worker_id, num_workers=num_workers,
+                       prefetch_device=self.prefetch_device, need_eval=need_eval, need_test=need_test)
+
+    def model(self, data):
+        """The V-Net of SPEC §2.3 for the task's classes."""
+        from model.vnet import VNetConfig, build_vnet
+        net = self.net
+        config = VNetConfig(n_classes=data.n_classes, downscale_blocks=net.downscale_blocks,
+                            upscale_blocks=net.upscale_blocks, convolution_size=net.convolution_size,
+                            normalization=net.normalization_layer, activation=net.activation,
+                            pooling=net.pooling, upsampling=net.upsampling)
+        return build_vnet(tuple(net.input_shape) + (1,), config, seed=self.seed,
+                          instance_norm=self.instance_norm)
+
+    def optimizer(self):
+        """Centered RMSprop (or Adam, SGD) at base_lr, gradients clipped to a global norm of 1."""
+        import keras
+        net = self.net
+        clip = 1.0 if net.gradient_clipping == "global_norm" else None
+        if net.optimizer == "rmsprop":
+            return keras.optimizers.RMSprop(net.base_lr, momentum=net.momentum, centered=True,
+                                            global_clipnorm=clip)
+        if net.optimizer == "adam":
+            return keras.optimizers.Adam(net.base_lr, global_clipnorm=clip)
+        return keras.optimizers.SGD(net.base_lr, momentum=net.momentum, global_clipnorm=clip)
+
+    def loss_and_metrics(self, data):
+        """(the dice loss over every class, soft and hard dice per label)."""
+        from model.losses import vnet_dice_loss, vnet_metrics
+        return vnet_dice_loss, vnet_metrics(data.label_names)
+
+    def last_step(self, data, num_replicas, warmup_steps=None):
+        """⌈n_train / (batch · devices)⌉ · train_epochs; 2 · warmup_steps when benchmarking
+        (`warmup_steps` given)."""
+        if warmup_steps is not None:
+            return 2 * warmup_steps
+        return math.ceil(data.n_train / (self.data_settings.batch_size * num_replicas)) * self.net.train_epochs
+
+    def mask_names(self, data, count):
+        """The test images' names (all `count` of them)."""
+        return data.test_names
+
+    def nifti_writer(self, data, out_dir):
+        """Masks resampled back onto each test image's own grid, as <name>.nii.gz."""
+        from tasks.masks import msd_nifti_writer
+        return msd_nifti_writer(out_dir, data.test_paths, data.test_names)
