@@ -201,15 +201,15 @@ def _add_precision_flags(parser):
     xla = group.add_mutually_exclusive_group()
     xla.add_argument("--use_xla", "--xla", dest="use_xla", action="store_true", default=None,
                      help="compile the steps with XLA (default: on when a GPU is visible, off "
-                          "otherwise: on CPU XLA makes UNet3D training about ten times slower, and "
-                          "HPUs run without it; always on with --backend jax)")
+                          "otherwise: on CPU XLA makes UNet3D training much slower, and HPUs run "
+                          "without it; always on with --backend jax)")
     xla.add_argument("--no_xla", dest="use_xla", action="store_false",
                      help="do not compile with XLA")
     group.add_argument("--conv_kernel", choices=("auto", "keras"), default="auto",
                        help="auto: with --backend jax, bf16 and one Hopper GPU (H100, H200), UNet3D's "
                             "3×3×3 convolutions of up to 32 channels (its 128³ level in training) "
                             "compute their forward pass and input gradient with the tool's Mosaic GPU "
-                            "kernel (engines/mosaic_conv.py; about 7%% more images/s on an H100); "
+                            "kernel (engines/mosaic_conv.py); "
                             "keras: Keras's (XLA's) convolutions everywhere (default: %(default)s)")
     group.add_argument("--no_hpu", action="store_true",
                        help="do not look for a Habana Gaudi card. Without this flag the HPU is used "

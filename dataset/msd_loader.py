@@ -59,10 +59,6 @@ class MsdData:
         self.n_train, self.n_eval = len(self.train_x), len(self.eval_x)
         self.test_names = [os.path.basename(p).split(".")[0] for p in self.test_paths]
 
-    def steps_per_epoch(self):
-        """Training batches per epoch over every worker: ⌈n_train / (batch · workers)⌉."""
-        return math.ceil(self.n_train / (self.batch_size * self.num_workers))
-
     def train_dataset(self, start_step=0):
         """Endless shuffled batches of (x, one-hot y), flipped when augmenting, resumable."""
         ds = tf.data.Dataset.from_tensor_slices((np.stack(self.train_x), np.stack(self.train_y)))

@@ -1,4 +1,5 @@
-"""Hooks: what happens around the steps of every mode (logs, progress, benchmark, TensorBoard, checkpoints).
+"""Hooks: what happens around the steps of every mode (logs, progress, benchmark, checkpoints), and
+the Logger they write through (stdout, log.json, TensorBoard).
 
 The loops in loops/trainer.py call, on every hook of a `Hooks` list:
   begin(mode, total_steps, first_step)   mode is "train", "eval" or "predict"
@@ -55,16 +56,18 @@ class Hooks(Hook):
 
 
 class Logger:
-    """Writes records to stdout and as JSON lines to `log_dir/log.json`."""
+    """Writes records to stdout and as JSON lines to `log_dir/log.json`; with a `TensorBoard` sink,
+    their numbers as TensorBoard scalars too."""
 
-    def __init__(self, log_dir, enabled=True):
+    def __init__(self, log_dir, enabled=True, tensorboard=None):
         self.enabled = enabled
         self.path = os.path.join(log_dir, "log.json") if enabled and log_dir else None
+        self.tensorboard = tensorboard if enabled else None
         if self.path:
             os.makedirs(log_dir, exist_ok=True)
 
     def log(self, kind, step, data):
-        """Print `data` with its step and append it to the JSON-lines file."""
+        """Print `data` with its step and append it to the JSON-lines file (and TensorBoard)."""
         if not self.enabled:
             return
         shown = " ".join(f"{k}: {_format(v)}" for k, v in data.items())
@@ -73,6 +76,28 @@ class Logger:
             entry = {"timestamp": time.time(), "type": kind, "step": step, "data": data}
             with open(self.path, "a") as handle:
                 handle.write(json.dumps(entry) + "\n")
+        if self.tensorboard is not None and step is not None:
+            self.tensorboard.scalars(kind, step, data)
+
+
+class TensorBoard:
+    """TensorBoard scalars of the logged records and, once, the run's hyper-parameters."""
+
+    def __init__(self, log_dir, hparams):
+        from common.quiet_import import import_tensorflow
+        from tensorboard.plugins.hparams import api as hp
+        self.tf = import_tensorflow()
+        self.writer = self.tf.summary.create_file_writer(log_dir)
+        with self.writer.as_default():
+            hp.hparams(hparams, trial_id=os.path.basename(os.path.abspath(log_dir)))
+
+    def scalars(self, kind, step, data):
+        """Every number of `data` as the scalar `kind/name` at `step`."""
+        with self.writer.as_default():
+            for key, value in data.items():
+                if isinstance(value, (int, float)):
+                    self.tf.summary.scalar(f"{kind}/{key}", float(value), step=step)
+        self.writer.flush()
 
 
 def _format(value):
@@ -219,42 +244,3 @@ class ProfileHook(Hook):
         if self._running:
             self.engine.stop_trace()
             self._running, self._start = False, None
-
-
-class TensorBoardHook(Hook):
-    """TensorBoard scalars (loss, throughput, evaluation metrics) and the run's hyper-parameters."""
-
-    def __init__(self, log_dir, hparams, log_every):
-        from common.quiet_import import import_tensorflow
-        self.tf = import_tensorflow()
-        self.writer = self.tf.summary.create_file_writer(log_dir)
-        self.log_dir = log_dir
-        self.hparams, self.log_every = hparams, log_every
-        self._wrote_hparams = False
-        self._since, self._steps = time.perf_counter(), 0
-
-    def begin(self, mode, total_steps, first_step):
-        self._since, self._steps = time.perf_counter(), 0
-        if not self._wrote_hparams:
-            from tensorboard.plugins.hparams import api as hp
-            with self.writer.as_default():
-                hp.hparams(self.hparams, trial_id=os.path.basename(os.path.abspath(self.log_dir)))
-            self._wrote_hparams = True
-
-    def after_step(self, mode, step, batch_size, loss):
-        if mode != "train":
-            return
-        self._steps += 1
-        if loss is None or step % self.log_every:
-            return
-        elapsed = time.perf_counter() - self._since
-        with self.writer.as_default():
-            self.tf.summary.scalar("train/loss", loss, step=step)
-            self.tf.summary.scalar("train/examples_per_sec", self._steps * batch_size / elapsed, step=step)
-        self._since, self._steps = time.perf_counter(), 0
-
-    def end(self, mode, step, results):
-        with self.writer.as_default():
-            for key, value in results.items():
-                self.tf.summary.scalar(f"{mode}/{key}", float(value), step=step)
-        self.writer.flush()

@@ -112,9 +112,8 @@ class ChannelPaddedConv3D(KernelConv3D):
 
     The padded channels meet zero kernel rows, so the layer computes the same function with the
     same weights as `keras.layers.Conv3D`. cuDNN runs a 3-D convolution of 4 input channels
-    (UNet3D's image) on slow kernels: on an H100 its weight gradient took 4.5 ms for a 128³ batch
-    of 2, 1.1 ms with the input padded to 8 channels. (Padding the 4 output channels of the last
-    convolution made its weight gradient slower, so outputs stay as they are.)
+    (UNet3D's image) on slow kernels, and pads nothing itself; the output channels stay as they
+    are (docs/performance.md has the timings of both choices).
     """
 
     def __init__(self, *args, channel_multiple=8, **kwargs):

@@ -10,13 +10,21 @@ from common import run_record
 from common.errors import UserError
 from loops import checkpoint
 from loops.hooks import (BenchmarkHook, CheckpointHook, Hooks, Logger, LoggingHook, ProfileHook,
-                         ProgressHook, TensorBoardHook)
+                         ProgressHook, TensorBoard)
 from loops.trainer import Trainer
 from setup.machine import resolve_machine
 from tasks.base import make_task
 
 
-def make_hooks(settings, machine, logger, save_fn, global_batch, engine):
+def make_logger(settings, machine):
+    """The Logger of this worker: stdout and log.json, and TensorBoard with --tensorboard_logging."""
+    tensorboard = None
+    if settings.run.tensorboard_logging and machine.writes:
+        tensorboard = TensorBoard(machine.log_dir, hyperparameters(settings, machine))
+    return Logger(machine.log_dir, enabled=machine.writes, tensorboard=tensorboard)
+
+
+def make_hooks(settings, logger, save_fn, global_batch, engine):
     """The hooks every mode shares."""
     run = settings.run
     hooks = [LoggingHook(logger, run.log_every), ProgressHook()]
@@ -26,9 +34,6 @@ def make_hooks(settings, machine, logger, save_fn, global_batch, engine):
         hooks.append(BenchmarkHook(logger, run.warmup_steps, global_batch))
     elif save_fn is not None:
         hooks.append(CheckpointHook(save_fn, run.ckpt_every))
-    if run.tensorboard_logging and logger.enabled:
-        hooks.append(TensorBoardHook(machine.log_dir, hyperparameters(settings, machine),
-                                     run.log_every))
     return Hooks(hooks)
 
 
@@ -182,6 +187,22 @@ def build(settings, machine, task, data):
     return model, optimizer, engine
 
 
+def make_save_fn(settings, machine, data, engine, model, optimizer):
+    """`save(step)`: the run's settings.json and a checkpoint into model_dir; None where this
+    worker writes no checkpoints (another worker's run, benchmarks, --disable_ckpt_saving)."""
+    run_settings = settings.run
+    if (not run_settings.trains or not machine.writes or run_settings.benchmark
+            or run_settings.disable_ckpt_saving):
+        return None
+    network, used = saved_fields(settings, machine, data)
+
+    def save(step):
+        engine.commit()
+        run_record.write(machine.model_dir, network, used)
+        checkpoint.save(machine.model_dir, step, model, optimizer)
+    return save
+
+
 def whole_volume(settings):
     """Whether evaluate and predict need whole volumes in one process (sliding windows, mirroring,
     probabilities to save, an ensemble)."""
@@ -198,24 +219,16 @@ def run(settings):
         raise UserError("--sliding_window, --tta, --save_probabilities and ensembles run in one "
                         "process: train with several, then evaluate or predict with one")
     with cluster.failures():  # a lost peer: one line
-        logger = Logger(machine.log_dir, enabled=machine.writes)
+        logger = make_logger(settings, machine)
         task = make_task(run_settings.model, settings.network, settings.data, machine)
         data = task.data(cluster.worker_id, cluster.num_workers,
                          settings.data.batch_size * machine.local_batch,
                          need_eval=run_settings.evaluates, need_test=run_settings.predicts)
         model, optimizer, engine = build(settings, machine, task, data)
 
-        save_fn = None
-        if (run_settings.trains and machine.writes and not run_settings.benchmark
-                and not run_settings.disable_ckpt_saving):
-            network, used = saved_fields(settings, machine, data)
-
-            def save_fn(step):
-                engine.commit()
-                run_record.write(machine.model_dir, network, used)
-                checkpoint.save(machine.model_dir, step, model, optimizer)
+        save_fn = make_save_fn(settings, machine, data, engine, model, optimizer)
         global_batch = settings.data.batch_size * cluster.num_replicas
-        hooks = make_hooks(settings, machine, logger, save_fn, global_batch, engine)
+        hooks = make_hooks(settings, logger, save_fn, global_batch, engine)
         trainer = Trainer(engine, hooks, run_settings.log_every, sync_every_step=run_settings.benchmark,
                           dump_dir=run_settings.dump_config if machine.writes else None)
         return run_modes(settings, machine, task, data, model, optimizer, trainer)

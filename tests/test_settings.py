@@ -1,0 +1,102 @@
+"""Settings decided once: typed sections build a task and its network alone, and a model_dir's
+settings.json binds the network of every later run on it."""
+import json
+import os
+
+import keras
+import pytest
+
+from common.settings import DataSettings, UNet3DSettings, VNetSettings
+from tasks.base import make_task
+from tests.conftest import assert_one_line_error, main_here, phantom_records, run_cli
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    return phantom_records(str(tmp_path_factory.mktemp("settings")), 3, (32, 32, 32), seed=7)
+
+
+def test_a_task_and_its_network_from_settings_objects_alone():
+    task = make_task("unet3d", UNet3DSettings(normalization="groupnorm"), DataSettings(seed=0))
+    model = task.model()
+    kinds = {type(layer).__name__ for layer in model.layers if "norm" in layer.name}
+    assert kinds == {"GroupNormalization"}
+    assert model.output.shape[-1] == 4 and model.input.shape[-1] == 4
+    assert make_task("vnet", VNetSettings(), DataSettings(seed=0)).last_step(None, 1, 5) == 10
+
+
+def flags(records, model_dir, log_dir, *extra):
+    return ["--data_dir", records, "--model_dir", model_dir, "--log_dir", log_dir, "--num_folds", "3",
+            "-d", "fp32", "--batch_size", "1", *extra]
+
+
+def evals(log_dir):
+    with open(os.path.join(log_dir, "log.json")) as handle:
+        return [json.loads(line)["data"] for line in handle if '"eval"' in line]
+
+
+@pytest.fixture(scope="module")
+def trained(records, tmp_path_factory):
+    """A groupnorm run of 2 steps evaluated after training, and an instancenorm run of 1 step."""
+    root = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for norm, mode, steps in (("groupnorm", "train_and_evaluate", "2"), ("instancenorm", "train", "1")):
+        model_dir, log_dir = str(root / norm), str(root / f"{norm}-logs")
+        argv = flags(records, model_dir, log_dir, "--exec_mode", mode, "--max_steps", steps,
+                     "--seed", "0", "--normalization", norm)
+        assert main_here(_NoCapture(), *argv).returncode == 0
+        runs[norm] = (model_dir, log_dir)
+    return runs
+
+
+class _NoCapture:
+    """capsys's interface for a module-scoped fixture, which cannot take capsys."""
+
+    @staticmethod
+    def readouterr():
+        return type("Captured", (), {"out": "", "err": ""})()
+
+
+def test_the_saved_settings_bind_evaluate(records, trained, tmp_path, capsys):
+    model_dir, log_dir = trained["groupnorm"]
+    with open(os.path.join(model_dir, "settings.json")) as handle:
+        saved = json.load(handle)
+    assert saved["network"]["normalization"] == "groupnorm" and saved["run"]["dtype"] == "fp32"
+    assert saved["network"]["model"] == "unet3d" and saved["version"]
+    after_training = evals(log_dir)[-1]
+    # Only --model_dir and --data_dir (and where to log): the groupnorm network is evaluated.
+    result = main_here(capsys, "--exec_mode", "evaluate", "--model_dir", model_dir, "--data_dir",
+                       records, "--num_folds", "3", "--log_dir", str(tmp_path / "logs"), "-d", "fp32")
+    assert result.returncode == 0, result.stderr
+    assert evals(str(tmp_path / "logs"))[-1] == pytest.approx(after_training, abs=1e-6)
+    keras.mixed_precision.set_dtype_policy("float32")
+
+
+def test_a_contradicting_flag_and_a_mixed_ensemble_are_one_line_errors(records, trained):
+    model_dir, _ = trained["groupnorm"]
+    result = run_cli("--exec_mode", "evaluate", "--model_dir", model_dir, "--data_dir", records,
+                     "--num_folds", "3", "--normalization", "batchnorm")
+    assert_one_line_error(result, "--normalization: batchnorm contradicts groupnorm")
+    assert model_dir in result.stderr and result.returncode == 2
+    other, _ = trained["instancenorm"]
+    result = run_cli("--exec_mode", "evaluate", "--model_dir", model_dir, other, "--data_dir",
+                     records, "--num_folds", "3")
+    assert_one_line_error(result, "hold different networks")
+    assert model_dir in result.stderr and other in result.stderr
+    assert "normalization groupnorm and instancenorm" in result.stderr
+
+
+def test_a_model_dir_without_settings_runs_from_the_flags_after_a_notice(trained, tmp_path, capsys):
+    import shutil
+
+    from cli.arguments import parse_args
+    old = str(tmp_path / "old")
+    shutil.copytree(trained["groupnorm"][0], old)
+    os.remove(os.path.join(old, "settings.json"))
+    capsys.readouterr()
+    settings = parse_args(["--exec_mode", "evaluate", "--model_dir", old])
+    assert capsys.readouterr().out.splitlines() == [
+        f"{old} holds no settings.json (trained before version 2.0): its network comes from the flags"]
+    assert settings.network.normalization == "instancenorm"  # the flags' default, not the saved one
+    assert parse_args(["--exec_mode", "evaluate", "--model_dir", trained["groupnorm"][0]]
+                      ).network.normalization == "groupnorm"
