@@ -274,3 +274,20 @@ def test_user_error_for_an_unknown_case_name(tmp_path):
     with pytest.raises(UserError, match="not a BraTS 2023"):
         preprocess(str(tmp_path / "in"), str(tmp_path / "out"), single_data_dir=True,
                    layout="brats2023")
+
+
+def test_settings_take_the_records_convention_and_refuse_a_contradicting_saved_network():
+    from common.settings import FlagError, resolve
+    ped = {"convention": "brats-ped", "in_channels": 4, "n_classes": 5}
+    net = resolve({}, environ={}, records=ped).network
+    assert (net.convention, net.in_channels, net.n_classes) == ("brats-ped", 4, 5)
+    assert resolve({}, environ={}).network.convention == "brats2021"  # the phantom's
+    saved = ("runs/ped", dict(ped, normalization="instancenorm", include_background=False,
+                              model="unet3d"))
+    assert resolve({"exec_mode": "evaluate"}, environ={}, saved=saved, records=ped).network == net
+    before_conventions = ("runs/old", {"normalization": "instancenorm", "in_channels": 4,
+                                       "n_classes": 4, "include_background": False})
+    with pytest.raises(FlagError, match=r"^argument --data_dir: its records \(convention "
+                                        r"brats-ped, n_classes 5\) do not fit .* runs/old was "
+                                        r"trained for \(convention brats2021, n_classes 4"):
+        resolve({"exec_mode": "evaluate"}, environ={}, saved=before_conventions, records=ped)
