@@ -216,7 +216,7 @@ def test_a_dataset_mixing_layouts(one_case, tmp_path, capsys):
      "Phantom_000_t2.nii.gz, Phantom_000_flair.nii.gz, Phantom_000_seg.nii.gz"),
     ("brats2023-MEN-RT", "BraTS-MEN-RT-0000-1_gtv.nii.gz", "BraTS-MEN-RT-0000-1_t1c.nii.gz and "
      "BraTS-MEN-RT-0000-1_gtv.nii.gz"),
-])
+], ids=["brats2023", "brats2021", "men-rt"])
 def test_a_missing_modality_names_the_expected_files(one_case, tmp_path, capsys, name, removed,
                                                      expected):
     data = spoiled(one_case, tmp_path, name)
