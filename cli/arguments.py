@@ -71,8 +71,9 @@ def _add_run_flags(parser):
                        help="also save a checkpoint every N training steps, 0 for only at the end "
                             "(default: %(default)s)")
     group.add_argument("--save_nifti", action="store_true",
-                       help="predict also writes <case>.nii.gz masks in BraTS labels (0, 1, 2, 4) "
-                            "and the case's own grid, into model_dir/nifti")
+                       help="predict also writes <case>.nii.gz masks in the dataset's own label "
+                            "values (BraTS 2019-2021: 0, 1, 2, 4) on the case's own grid, into "
+                            "model_dir/nifti")
     group.add_argument("--benchmark", action="store_true",
                        help="time every step and report throughput and latency")
     group.add_argument("--warmup_steps", type=non_negative_int, default=None,
@@ -261,6 +262,17 @@ def build_parser():
     return parser
 
 
+def data_network(flags):
+    """The network fields --data_dir's records fix (their records.json: convention, input
+    channels, classes), or None without a records folder (phantom or synthetic data, V-Net)."""
+    data_dir = flags.get("data_dir")
+    if flags.get("model") not in (None, "unet3d") or flags.get("synth_data") or data_dir is None \
+            or not os.path.isdir(data_dir):
+        return None
+    from dataset.record_info import read_info
+    return read_info(data_dir).network_fields()
+
+
 def parse_args(argv=None, environ=None):
     """Parse and check the command line (sys.argv[1:] when argv is None) into frozen Settings.
 
@@ -279,6 +291,6 @@ def parse_args(argv=None, environ=None):
     if reads_saved:
         saved = saved_network(flags["model_dirs"], lambda d: latest_checkpoint(d) is not None)
     try:
-        return resolve(flags, environ, launched_by(environ), saved)
+        return resolve(flags, environ, launched_by(environ), saved, data_network(flags))
     except FlagError as err:
         parser.error(str(err))

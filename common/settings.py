@@ -111,7 +111,9 @@ class ProcessSettings:
 
 @dataclass(frozen=True)
 class UNet3DSettings:
-    """UNet3D on BraTS: the network, its loss and optimizer, the folds and the steps."""
+    """UNet3D on BraTS: the network, its loss and optimizer, the folds and the steps. The label
+    `convention` of the data (dataset/conventions.py) and the input channels and output classes
+    it fixes come from the records folder's records.json (the phantom's: brats2021, 4, 4)."""
     max_steps: int = 16000
     fold: int = 0
     num_folds: int = 5
@@ -121,8 +123,10 @@ class UNet3DSettings:
     include_background: bool = False
     in_channels: int = 4
     n_classes: int = 4
+    convention: str = "brats2021"
 
-    NETWORK_FIELDS = ("normalization", "in_channels", "n_classes", "include_background")
+    NETWORK_FIELDS = ("normalization", "in_channels", "n_classes", "include_background",
+                      "convention")
 
 
 @dataclass(frozen=True)
@@ -207,12 +211,32 @@ def _bind(flags, saved, model_dir):
                             "choose another --model_dir")
 
 
-def resolve(flags, environ=None, launcher=None, saved=None):
+def _bind_data(flags, records, saved):
+    """Fill the fields the data fixes (convention, in_channels, n_classes) from `records` (what
+    --data_dir's records.json says); data that a saved network was not built for is an error."""
+    if saved is not None:
+        model_dir, network = saved
+        # settings.json of runs before conventions existed hold no convention: brats2021's
+        known = {"convention": UNet3DSettings.convention} | network
+        differs = [name for name in records if known.get(name, records[name]) != records[name]]
+        if differs:
+            shown = ", ".join(f"{name} {records[name]}" for name in differs)
+            trained = ", ".join(f"{name} {known.get(name)}" for name in differs)
+            raise FlagError(f"argument --data_dir: its records ({shown}) do not fit the network "
+                            f"{model_dir} was trained for ({trained}, its settings.json); choose "
+                            "records of that dataset or another --model_dir")
+    for name, value in records.items():
+        if flags.get(name) is None:
+            flags[name] = value
+
+
+def resolve(flags, environ=None, launcher=None, saved=None, records=None):
     """The frozen Settings of a parsed command line.
 
     `flags`: {flag name: value or None}; `environ`: where KERAS_BACKEND and the JAX_* process
     variables are read (default os.environ); `launcher`: 'mpi', 'slurm', 'tf_config' or None;
-    `saved`: (model_dir, network fields) of a model_dir trained before, which bind.
+    `saved`: (model_dir, network fields) of a model_dir trained before, which bind; `records`:
+    the network fields --data_dir's records fix ({convention, in_channels, n_classes}), or None.
     """
     flags = dict(flags)
     environ = os.environ if environ is None else environ
@@ -223,6 +247,8 @@ def resolve(flags, environ=None, launcher=None, saved=None):
         raise FlagError(f"argument --model_dir: --exec_mode {exec_mode} trains into one folder, got "
                         f"{len(flags['model_dirs'])}; several (an ensemble) are for evaluate and "
                         "predict")
+    if records is not None and (flags.get("model") or "unet3d") == "unet3d":
+        _bind_data(flags, records, saved)
     if saved is not None:
         _bind(flags, saved[1], saved[0])
     model = flags.get("model") or "unet3d"

@@ -1,6 +1,8 @@
-"""Reading one BraTS case from NIfTI and converting it as the reference's preprocessing does.
+"""Reading one brain-tumour case from NIfTI and converting it as the reference's preprocessing does.
 
-No TensorFlow here: these functions run in worker processes of dataset/preprocess_data.py.
+The case's files come from dataset/layouts.py (any layout); every channel is converted the
+reference's way, so BraTS 2019–2021 records keep the reference's bytes. No TensorFlow here: these
+functions run in worker processes of dataset/preprocess_data.py.
 """
 import os
 
@@ -8,31 +10,49 @@ import nibabel as nib
 import numpy as np
 
 from common.errors import UserError
+from dataset.conventions import CONVENTIONS
 
-MODALITIES = ("t1", "t1ce", "t2", "flair")
-SEG = "seg"
-BRATS_LABELS = (0, 1, 2, 4)
 CLIP_FRACTION = 0.85
+AFFINE_TOLERANCE = 1e-3  # mm: headers of one grid written by different tools agree to far better
 
 
-def case_files(case_dir):
-    """{modality or 'seg': path} of the five NIfTI files of the case folder `case_dir`."""
-    name = os.path.basename(os.path.normpath(case_dir))
-    return {key: os.path.join(case_dir, f"{name}_{key}.nii.gz") for key in MODALITIES + (SEG,)}
+def _read(path):
+    """(nibabel image, its data as float64) of `path`; a UserError naming it when unreadable."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: missing")
+    try:
+        image = nib.load(path)
+        return image, np.asarray(image.get_fdata())
+    except Exception as err:  # nibabel raises many types for damaged files
+        raise UserError(f"{path}: unreadable NIfTI ({type(err).__name__}: {err}); replace the file") from None
+
+
+def _as_volume(data):
+    """A 3-D array as int16 with axes 0 and 1 swapped, as the reference reads it."""
+    return np.swapaxes(data.astype(np.int16), 0, 1)
 
 
 def load_nifti(path):
-    """The volume as int16 with axes 0 and 1 swapped, as the reference reads it."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: missing; every case folder needs the t1, t1ce, t2, flair and "
-                        "seg NIfTI files")
-    try:
-        data = np.asarray(nib.load(path).get_fdata())
-    except Exception as err:  # nibabel raises many types for damaged files
-        raise UserError(f"{path}: unreadable NIfTI ({type(err).__name__}: {err}); replace the file") from None
+    """The 3-D volume of `path` as int16 with axes 0 and 1 swapped, and its affine."""
+    image, data = _read(path)
     if data.ndim != 3 or data.size == 0:
         raise UserError(f"{path}: expected a 3-D volume, got shape {data.shape}")
-    return np.swapaxes(data.astype(np.int16), 0, 1)
+    return _as_volume(data), image.affine
+
+
+def load_channels(source):
+    """[(path, int16 swapped volume)] of each input channel of `source` (a CaseSource), and the
+    images' affine. A 4-D image must hold the channels its dataset.json names."""
+    if source.image4d is None:
+        loaded = [(path,) + load_nifti(path) for path in source.images]
+        return [(path, volume) for path, volume, _ in loaded], loaded[0][2]
+    path = source.image4d
+    image, data = _read(path)
+    if data.ndim != 4 or data.shape[3] != source.n_file_channels:
+        found = data.shape[3] if data.ndim == 4 else f"no channel axis (shape {data.shape})"
+        raise UserError(f"{path}: {found} channels, but dataset.json's 'modality' names "
+                        f"{source.n_file_channels}; replace the image or fix dataset.json")
+    return [(path, _as_volume(data[..., c])) for c in source.channel_order], image.affine
 
 
 def scale_modality(volume):
@@ -46,38 +66,43 @@ def scale_modality(volume):
     return vol.astype(np.uint8)
 
 
-def convert_case(case_dir):
-    """(name, volume uint8 (D,H,W,4), labels uint8 (D,H,W), mean float32[4], stdev float32[4], affine).
+def convert_case(source):
+    """(name, volume uint8 (D,H,W,C), classes uint8 (D,H,W), mean float32[C], stdev float32[C], affine)
+    of one case (a CaseSource).
 
-    `affine` is the segmentation file's 4×4 voxel-to-world matrix, kept so that predicted masks
-    can be written back in the case's own geometry.
+    The mask's values become the classes of the case's label convention; `affine` is the mask's
+    4×4 voxel-to-world matrix, kept so that predicted masks can be written back in the case's own
+    geometry. A mask on another grid than its images, or holding values outside the convention,
+    is a UserError naming the file.
     """
-    files = case_files(case_dir)
+    loaded, image_affine = load_channels(source)
     channels, shape = [], None
-    for key in MODALITIES:
-        raw = load_nifti(files[key])
+    for path, raw in loaded:
         if shape is not None and raw.shape != shape:
-            raise UserError(f"{files[key]}: shape {raw.shape} differs from the case's {shape}")
+            raise UserError(f"{path}: shape {raw.shape} differs from the case's {shape}")
         shape = raw.shape
         if raw.max() <= 0:
-            raise UserError(f"{files[key]}: the volume is empty (no voxel above 0)")
+            raise UserError(f"{path}: the volume is empty (no voxel above 0)")
         channels.append(scale_modality(raw))
     volume = np.stack(channels, axis=-1)
 
-    seg = load_nifti(files[SEG])
+    seg, affine = load_nifti(source.seg)
     if seg.shape != shape:
-        raise UserError(f"{files[SEG]}: shape {seg.shape} differs from the images' {shape}")
-    unexpected = sorted(set(np.unique(seg).tolist()) - set(BRATS_LABELS))
-    if unexpected:
-        raise UserError(f"{files[SEG]}: labels {unexpected} outside the BraTS labels {{0, 1, 2, 4}}")
-    labels = seg.astype(np.uint8)
-    labels[labels == 4] = 3
+        raise UserError(f"{source.seg}: shape {seg.shape} differs from the images' {shape}; the "
+                        "mask must be on its images' grid")
+    if not np.allclose(affine, image_affine, atol=AFFINE_TOLERANCE):
+        raise UserError(f"{source.seg}: its affine (voxel-to-world matrix) differs from the "
+                        f"images' {np.round(image_affine, 3).tolist()}; the mask must be on its "
+                        "images' grid")
+    convention = CONVENTIONS[source.convention]
+    try:
+        labels = convention.to_classes(seg)
+    except ValueError as err:
+        raise UserError(f"{source.seg}: {err}; is this case in another dataset's folder?") from None
 
     mean, stdev = [], []
     for i in range(volume.shape[-1]):
         foreground = volume[..., i][volume[..., i] > 0]
         mean.append(np.mean(foreground))
         stdev.append(np.std(foreground))
-    name = os.path.basename(os.path.normpath(case_dir))
-    affine = nib.load(files[SEG]).affine
-    return name, volume, labels, np.float32(mean), np.float32(stdev), affine
+    return source.name, volume, labels, np.float32(mean), np.float32(stdev), affine

@@ -8,6 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from dataset import transforms, windows
+from dataset.record_info import read_info
 from dataset.records import decode_example, decode_metadata
 from dataset.synthetic import SyntheticData, base_seed
 from common.errors import UserError
@@ -62,7 +63,9 @@ def scan_records(files):
 
 
 class BratsData:
-    """The training, evaluation and test pipelines of one worker over one fold of `data_dir`."""
+    """The training, evaluation and test pipelines of one worker over one fold of `data_dir`;
+    `info` (its records.json: channels and label convention) sizes the inputs and the one-hot
+    labels."""
 
     def __init__(self, data_dir, batch_size, fold=0, num_folds=5, seed=None, augment=True,
                  worker_id=0, num_workers=1, prefetch_device=None):
@@ -72,6 +75,8 @@ class BratsData:
         self.worker_id, self.num_workers = worker_id, num_workers
         self.prefetch_device = prefetch_device
         self.fold, self.num_folds = fold, num_folds
+        self.info = read_info(data_dir)
+        self.n_channels, self.n_classes = self.info.n_channels, self.info.convention.n_classes
         self.train_files, self.eval_files = split_folds(list_records(data_dir), fold, num_folds)
         found = scan_records(self.train_files + self.eval_files)
         self.eval_records = [r for records in found[len(self.train_files):] for r in records]
@@ -83,7 +88,7 @@ class BratsData:
         self.window = windows.eval_window(self.volume_shape)
 
     def _parse(self, serialized):
-        return decode_example(serialized, self.volume_shape)
+        return decode_example(serialized, self.volume_shape, self.n_channels)
 
     def check_trainable(self):
         """A UserError unless every worker's shard of the training files holds a record."""
@@ -136,7 +141,8 @@ class BratsData:
 
     def _eval(self, window, batch_size):
         ds = tf.data.TFRecordDataset(self.eval_files).cache().map(self._parse, num_parallel_calls=AUTOTUNE)
-        ds = ds.map(lambda x, y, m, s: transforms.eval_transform(x, y, m, s, window),
+        n_classes = self.n_classes
+        ds = ds.map(lambda x, y, m, s: transforms.eval_transform(x, y, m, s, window, n_classes),
                     num_parallel_calls=AUTOTUNE)
         return self._finish(ds.batch(batch_size))
 

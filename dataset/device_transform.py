@@ -21,8 +21,8 @@ def _per_example(value, rank):
     return ops.reshape(value, (-1,) + (1,) * (rank - 1 - len(trailing)) + trailing)
 
 
-def finish_train_batch(inputs, labels):
-    """(x float32 (B, D, H, W, C), one-hot y float32 (B, D, H, W, N_CLASSES)) from a compact batch.
+def finish_train_batch(inputs, labels, n_classes=N_CLASSES):
+    """(x float32 (B, D, H, W, C), one-hot y float32 (B, D, H, W, n_classes)) from a compact batch.
 
     `inputs` holds "image" uint8 (B, D, H, W, C), "mean" and "stdev" (B, C), "flip" and
     "brighten" bool (B,), "factor" (B, C); `labels` is uint8 (B, D, H, W). The order is the
@@ -37,4 +37,4 @@ def finish_train_batch(inputs, labels):
     x = ops.where(x > 0, (x - mean) / (stdev + ZSCORE_EPS), x)
     brighten = ops.logical_and(_per_example(inputs["brighten"], 5), x > 0)
     x = ops.where(brighten, x + _per_example(inputs["factor"], 5), x)
-    return x, ops.one_hot(ops.cast(y, "int32"), N_CLASSES)
+    return x, ops.one_hot(ops.cast(y, "int32"), n_classes)

@@ -1,9 +1,12 @@
 """A phantom BraTS data set: small, seeded NIfTI cases of a head with brain tissues and tumours.
 
-Each case has the BraTS layout <case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz with labels 0 (background),
-1 (necrotic / non-enhancing core), 2 (oedema) and 4 (enhancing tumour). Shapes are built in normalised
-coordinates (each axis spans about [-1, 1]), so a case looks alike at any grid size.
+By default each case has the BraTS 2019–2021 layout <case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz with
+labels 0 (background), 1 (necrotic / non-enhancing core), 2 (oedema) and 4 (enhancing tumour).
+`layout` writes the same cases as BraTS 2023+ data of one sub-challenge (its file names and label
+values) or as MSD's Task01_BrainTumour (4-D images and dataset.json). Shapes are built in
+normalised coordinates (each axis spans about [-1, 1]), so a case looks alike at any grid size.
 """
+import json
 import os
 from itertools import starmap
 from multiprocessing import Pool
@@ -130,22 +133,96 @@ def make_case(shape, rng):
     return _render(tissue, rng), seg
 
 
-def _write_case(out_dir, seed, index, shape):
-    """Generates case `index` from its own rng and writes its five NIfTI files; returns its folder."""
+PHANTOM_LAYOUTS = ("brats2021", "brats2023", "msd-brain")
+CHALLENGES = ("GLI", "SSA", "PED", "MEN", "MEN-RT", "MET")
+BRATS2023_NAMES = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}
+# The phantom's 2019–2021 labels (1 core, 2 oedema, 4 enhancing) in other datasets' values.
+RELABEL = {"GLI": {1: 1, 2: 2, 4: 3}, "SSA": {1: 1, 2: 2, 4: 3}, "MEN": {1: 1, 2: 2, 4: 3},
+           "MET": {1: 1, 2: 2, 4: 3}, "PED": {1: 2, 2: 4, 4: 1}, "MEN-RT": {1: 1, 2: 1, 4: 1},
+           "msd-brain": {1: 2, 2: 1, 4: 3}}
+CAVITY = 4  # BraTS 2024 post-treatment glioma and metastases: resection cavity
+MSD_MODALITIES = ("FLAIR", "T1w", "t1gd", "T2w")  # Task01's channel order
+MSD_FROM = ("flair", "t1", "t1ce", "t2")
+
+
+def _relabel(seg, table):
+    out = np.zeros_like(seg)
+    for old, new in table.items():
+        out[seg == old] = new
+    return out
+
+
+def _save(array, affine, path):
+    nib.save(nib.Nifti1Image(array, affine=affine), path)
+
+
+def _write_case(out_dir, seed, index, shape, layout="brats2021", challenge="GLI", cavity=False,
+                affine=None):
+    """Generates case `index` from its own rng and writes its NIfTI files in `layout`; returns its
+    folder (msd-brain: its image file)."""
     images, seg = make_case(shape, np.random.default_rng([seed, index]))
-    name = f"Phantom_{index:03d}"
+    affine = np.eye(4) if affine is None else np.asarray(affine, np.float64)
+    arrays = {m: np.rint(images[m]).astype(np.int16) for m in MODALITIES}
+    if layout == "msd-brain":
+        name = f"BRATS_{index + 1:03d}"
+        image = os.path.join(out_dir, "imagesTr", f"{name}.nii.gz")
+        _save(np.stack([arrays[m] for m in MSD_FROM], axis=-1), affine, image)
+        _save(_relabel(seg, RELABEL["msd-brain"]), affine,
+              os.path.join(out_dir, "labelsTr", f"{name}.nii.gz"))
+        return image
+    if layout == "brats2021":
+        name, files = f"Phantom_{index:03d}", {f"_{m}": arrays[m] for m in MODALITIES} | {"_seg": seg}
+    elif challenge == "MEN-RT":
+        name = f"BraTS-MEN-RT-{index:04d}-1"
+        files = {"_t1c": arrays["t1ce"], "_gtv": _relabel(seg, RELABEL["MEN-RT"])}
+    else:
+        name = f"BraTS-{challenge}-{index:05d}-000"
+        labels = _relabel(seg, RELABEL[challenge])
+        if cavity and index % 2:
+            labels[seg == 1] = CAVITY  # the core of every other case is a resection cavity
+        files = {f"-{BRATS2023_NAMES[m]}": arrays[m] for m in MODALITIES} | {"-seg": labels}
     folder = os.path.join(out_dir, name)
     os.makedirs(folder, exist_ok=True)
-    arrays = {m: np.rint(images[m]).astype(np.int16) for m in MODALITIES} | {"seg": seg}
-    for key, array in arrays.items():
-        nib.save(nib.Nifti1Image(array, affine=np.eye(4)), os.path.join(folder, f"{name}_{key}.nii.gz"))
+    for suffix, array in files.items():
+        _save(array, affine, os.path.join(folder, f"{name}{suffix}.nii.gz"))
     return folder
 
 
-def write_brats_phantom(out_dir, n_cases, shape=(96, 96, 64), seed=0, workers=1):
-    """Writes out_dir/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz for n_cases cases; returns the case
-    folder paths (sorted)."""
-    jobs = [(out_dir, seed, i, tuple(shape)) for i in range(n_cases)]
+def _write_msd_json(out_dir, n_cases):
+    names = [f"BRATS_{i + 1:03d}.nii.gz" for i in range(n_cases)]
+    body = {"name": "BRATS", "description": "phantom brain tumours in MSD Task01's layout",
+            "tensorImageSize": "4D",
+            "modality": {str(i): m for i, m in enumerate(MSD_MODALITIES)},
+            "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor",
+                       "3": "enhancing tumour"},
+            "numTraining": n_cases, "numTest": 0,
+            "training": [{"image": f"./imagesTr/{n}", "label": f"./labelsTr/{n}"} for n in names],
+            "test": []}
+    with open(os.path.join(out_dir, "dataset.json"), "w") as handle:
+        json.dump(body, handle, indent=2)
+
+
+def write_brats_phantom(out_dir, n_cases, shape=(96, 96, 64), seed=0, workers=1, layout="brats2021",
+                        challenge="GLI", cavity=False, affine=None):
+    """Writes n_cases phantom cases into out_dir in `layout` and returns their folders (sorted):
+
+    - brats2021: out_dir/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz;
+    - brats2023: out_dir/BraTS-<challenge>-NNNNN-000/<case>-{t1n,t1c,t2w,t2f,seg}.nii.gz in the
+      sub-challenge's label values (`cavity`: every other GLI or MET case has a resection cavity,
+      label 4); MEN-RT: BraTS-MEN-RT-NNNN-1/<case>_{t1c,gtv}.nii.gz;
+    - msd-brain: out_dir/dataset.json, imagesTr/BRATS_NNN.nii.gz (4-D: FLAIR, T1w, t1gd, T2w)
+      and labelsTr/BRATS_NNN.nii.gz (returns the image paths).
+
+    `affine` (default the identity) is every file's voxel-to-world matrix.
+    """
+    if layout not in PHANTOM_LAYOUTS or challenge not in CHALLENGES:
+        raise ValueError(f"layout {layout!r} or challenge {challenge!r} unknown")
+    if layout == "msd-brain":
+        for sub in ("imagesTr", "labelsTr"):
+            os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+        _write_msd_json(out_dir, n_cases)
+    jobs = [(out_dir, seed, i, tuple(shape), layout, challenge, cavity, affine)
+            for i in range(n_cases)]
     if workers > 1:
         with Pool(workers) as pool:
             return sorted(pool.starmap(_write_case, jobs))

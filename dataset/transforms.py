@@ -63,11 +63,11 @@ def fit_window(x, window):
     return tf.pad(x, pad + [[0, 0]] * rest)
 
 
-def eval_transform(x, y, mean, stdev, window):
-    """Window, cast, z-score and one-hot: one evaluation example (padded voxels have no class).
-    With `window` None the whole volume is kept."""
+def eval_transform(x, y, mean, stdev, window, n_classes=N_CLASSES):
+    """Window, cast, z-score and one-hot over `n_classes`: one evaluation example (padded voxels
+    have no class). With `window` None the whole volume is kept."""
     x = zscore(tf.cast(x, tf.float32), mean, stdev)
-    y = tf.one_hot(tf.cast(y, tf.int32), N_CLASSES)
+    y = tf.one_hot(tf.cast(y, tf.int32), n_classes)
     if window is None:
         return x, y
     return fit_window(x, window), fit_window(y, window)

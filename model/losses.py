@@ -61,17 +61,20 @@ def get_loss(name, include_background=False):
     return lambda y, p: fn(y, p, include_background)
 
 
-def eval_dice_per_sample(y, p, include_background=False):
+def eval_dice_per_sample(y, p, include_background=False, class_names=None):
     """Hard dice of every sample: a dict of name -> (B,) tensor.
 
-    Probabilities are rounded (p > 0.5). Keys: TumorCore, PeritumoralEdema, EnhancingTumor (and
-    Background with include_background), MeanDice (their mean), WholeTumor (the dice of the union
-    of the three tumour channels).
+    Probabilities are rounded (p > 0.5). Keys: the names of classes 1, 2, ... (`class_names`;
+    by default the reference's TumorCore, PeritumoralEdema, EnhancingTumor), Background with
+    include_background, MeanDice (their mean) and WholeTumor (the dice of the union of every
+    class but the background).
     """
     y = at_least_float32(y)
     hard = ops.cast(ops.greater(p, 0.5), y.dtype)
     dice = per_sample_dice(y, hard)
-    names = (["Background"] if include_background else []) + list(TUMOUR_CLASSES.values())
+    if class_names is None:
+        class_names = TUMOUR_CLASSES.values()
+    names = (["Background"] if include_background else []) + list(class_names)
     first = 0 if include_background else 1
     dice = dice[:, first:]
     scores = {name: dice[:, i] for i, name in enumerate(names)}

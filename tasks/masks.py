@@ -1,5 +1,5 @@
-"""Predicted masks as NIfTI files of the source grid: BraTS labels for UNet3D, MSD images' grids for
-V-Net."""
+"""Predicted masks as NIfTI files of the source grid: the source's own label values for UNet3D, MSD
+images' grids for V-Net."""
 import os
 
 import nibabel as nib
@@ -8,25 +8,28 @@ import numpy as np
 from dataset.windows import unfit_window
 
 
-def brats_nifti(mask, record):
-    """A window mask (labels 0..3) as a NIfTI image of the case's own grid, labels 0, 1, 2, 4.
+def brats_nifti(mask, record, convention):
+    """A window mask (the network's classes) as a NIfTI image of the case's own grid, in the source's
+    label values.
 
     `record` is the case's metadata (shape, affine): the window is undone, the preprocessing's
-    swap of axes 0 and 1 is reversed, and label 3 goes back to BraTS' 4.
+    swap of axes 0 and 1 is reversed, and each class goes back to its label value in
+    `convention` (a LabelConvention; brats2021's class 3 is label 4).
     """
     volume = unfit_window(np.asarray(mask, np.uint8), record["shape"])
-    volume = np.swapaxes(volume, 0, 1).copy()
-    volume[volume == 3] = 4
+    volume = convention.to_source(np.swapaxes(volume, 0, 1))
     return nib.Nifti1Image(volume, record["affine"])
 
 
-def brats_nifti_writer(out_dir, records):
-    """A `mask_fn(i, mask)` that saves mask i as out_dir/<case>.nii.gz (vol_<i> without a name)."""
+def brats_nifti_writer(out_dir, records, convention):
+    """A `mask_fn(i, mask)` that saves mask i as out_dir/<case>.nii.gz (vol_<i> without a name), in
+    the label values of `convention`."""
     os.makedirs(out_dir, exist_ok=True)
 
     def write(index, mask):
         name = records[index]["case"] or f"vol_{index}"
-        nib.save(brats_nifti(mask, records[index]), os.path.join(out_dir, f"{name}.nii.gz"))
+        nib.save(brats_nifti(mask, records[index], convention),
+                 os.path.join(out_dir, f"{name}.nii.gz"))
 
     return write
 

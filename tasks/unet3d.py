@@ -25,9 +25,17 @@ class UNet3DTask(Task):
         if data_dir is None:
             from tasks.demo_data import phantom_brats
             data_dir = phantom_brats()
-        return BratsData(data_dir, batch_size, fold=net.fold, num_folds=net.num_folds, seed=self.seed,
+        data = BratsData(data_dir, batch_size, fold=net.fold, num_folds=net.num_folds, seed=self.seed,
                          augment=d.augment, worker_id=worker_id, num_workers=num_workers,
                          prefetch_device=self.prefetch_device)
+        fields = data.info.network_fields()
+        wanted = {name: getattr(net, name) for name in fields}
+        if fields != wanted:
+            from common.errors import UserError
+            raise UserError(f"{data_dir}: its records ({data.info.layout}: {fields}) do not fit the "
+                            f"network ({wanted}); point --data_dir at records of the network's "
+                            "dataset, or train a new --model_dir on these")
+        return data
 
     def model(self, data=None):
         """The UNet3D of SPEC §1.4; on a GPU its image convolution pads the input channels to 8, and
@@ -48,16 +56,28 @@ class UNet3DTask(Task):
         import keras
         return keras.optimizers.Adam(self.net.learning_rate)
 
+    def convention(self):
+        """The LabelConvention of the network's classes."""
+        from dataset.conventions import CONVENTIONS
+        return CONVENTIONS[self.net.convention]
+
     def finish_train_batch(self):
-        """The device half of the training transform: every BraTS pipeline ships compact batches."""
+        """The device half of the training transform (one-hot over the network's classes): every
+        BraTS pipeline ships compact batches."""
+        import functools
+
         from dataset.device_transform import finish_train_batch
-        return finish_train_batch
+        return functools.partial(finish_train_batch, n_classes=self.net.n_classes)
 
     def loss_and_metrics(self, data):
-        """(loss_fn, metrics_fn) of SPEC §1.5."""
+        """(loss_fn, metrics_fn) of SPEC §1.5; the per-class dice is named as the reference names
+        it for brats2021 data, by the convention's class names otherwise."""
+        from dataset.conventions import DEFAULT_CONVENTION
         from model.losses import eval_dice_per_sample, get_loss
         include = self.net.include_background
-        return get_loss(self.net.loss, include), lambda y, p: eval_dice_per_sample(y, p, include)
+        names = None if self.net.convention == DEFAULT_CONVENTION else self.convention().names[1:]
+        return (get_loss(self.net.loss, include),
+                lambda y, p: eval_dice_per_sample(y, p, include, names))
 
     def last_step(self, data, num_replicas, warmup_steps=None):
         """max_steps, divided among the devices unless benchmarking (`warmup_steps` given)."""
@@ -70,6 +90,6 @@ class UNet3DTask(Task):
         return [f"vol_{i}" for i in range(count)]
 
     def nifti_writer(self, data, out_dir):
-        """Masks as <case>.nii.gz in BraTS labels on the case's grid."""
+        """Masks as <case>.nii.gz in the source's label values on the case's grid."""
         from tasks.masks import brats_nifti_writer
-        return brats_nifti_writer(out_dir, data.eval_records)
+        return brats_nifti_writer(out_dir, data.eval_records, self.convention())

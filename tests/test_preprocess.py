@@ -65,7 +65,7 @@ def test_clip_and_scale_on_hand_made_values(tmp_path):
     arrays = write_case(str(tmp_path / "in"), "Hand", seed=9)
     t1 = np.zeros_like(arrays["t1"])
     t1[0, 0, 0], t1[1, 0, 0], t1[2, 0, 0], t1[3, 0, 0] = 1000, 900, 425, 10
-    nib.save(nib.Nifti1Image(t1, np.eye(4)), str(tmp_path / "in" / "Hand" / "Hand_t1.nii.gz"))
+    nib.save(nib.Nifti1Image(t1, AFFINE), str(tmp_path / "in" / "Hand" / "Hand_t1.nii.gz"))
     files = preprocess(str(tmp_path / "in"), str(tmp_path / "out"), single_data_dir=True, workers=1)
     x = read_examples(files[0])[0]["X"][..., 0]
     # max 1000 -> clipped at 850; 1000 and 900 become 255, 425 -> 127.5 -> 127, 10 -> 3.
@@ -101,7 +101,8 @@ def test_command_line_runs(brats_input, tmp_path):
     root, _ = brats_input
     result = run_cli("-i", str(root), "-o", str(tmp_path / "out"), "--vol_per_file", "5", "--seed", "1")
     assert result.returncode == 0, result.stderr
-    assert sorted(os.listdir(tmp_path / "out")) == ["volume-0.tfrecord", "volume-1.tfrecord"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["records.json", "volume-0.tfrecord",
+                                                    "volume-1.tfrecord"]
 
 
 def broken_input(tmp_path, how):
@@ -117,7 +118,7 @@ def broken_input(tmp_path, how):
         path = root / "Bad" / "Bad_seg.nii.gz"
         seg = arrays["seg"].copy()
         seg[0, 0, 0] = 3
-        nib.save(nib.Nifti1Image(seg, np.eye(4)), str(path))
+        nib.save(nib.Nifti1Image(seg, AFFINE), str(path))
     elif how == "empty":
         nib.save(nib.Nifti1Image(np.zeros_like(arrays["t2"]), np.eye(4)), str(path))
     elif how == "unreadable":
@@ -131,7 +132,7 @@ def test_bad_cases_give_one_line_errors_and_no_output(tmp_path, how):
     out = tmp_path / "out"
     result = run_cli("-i", str(root), "-o", str(out), "--single_data_dir", "--vol_per_file", "1")
     assert_one_line_error(result, str(path))
-    assert os.listdir(out) == []  # nothing partial left behind
+    assert not out.exists() or os.listdir(out) == []  # nothing partial left behind
 
 
 def test_output_folder_with_records_is_refused(brats_input, tmp_path):
