@@ -3,7 +3,7 @@
 
 def conv_implementation(machine):
     """What computes UNet3D's 3×3×3 convolutions besides Keras: with --conv_kernel auto, bf16 and
-    the JAX backend on one Hopper GPU, engines/mosaic_conv.py's kernel (with a one-line notice);
+    the JAX backend on Hopper GPUs in one process, engines/mosaic_conv.py's kernel (with a one-line notice);
     else None, Keras's convolution everywhere."""
     if machine.conv_kernel != "auto" or machine.backend != "jax" or machine.dtype != "bf16":
         return None

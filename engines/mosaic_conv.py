@@ -1,9 +1,10 @@
 """3×3×3 stride-1 'same' convolutions as a Pallas Mosaic GPU kernel (Hopper: TMA copies and wgmma).
 
-On the JAX backend with one Hopper GPU, UNet3D's Conv3D layers of up to 32 channels in and out (the
+On the JAX backend with Hopper GPUs, UNet3D's Conv3D layers of up to 32 channels in and out (the
 128³ level of a training crop) compute their forward pass and their input gradient with this kernel
 and their kernel gradient with XLA (`hopper_convolution`, chosen by engines/kernels.py; --conv_kernel
-keras turns it off). Its timings against cuDNN are in docs/performance.md.
+keras turns it off). With several GPUs in one process the kernel runs on each GPU's share of the
+batch (`sharded`). Its timings against cuDNN are in docs/performance.md.
 
 Channels-last. A program owns `rows` consecutive rows (fixed depth d, rows h, all W voxels) of the
 output. For one output row it adds, over the nine (kd, kh) taps, the product of the input row
@@ -22,6 +23,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -197,6 +199,26 @@ def xla_convolution(x, kernel):
 convolution = kernel_convolution(forward, data_grad)
 
 
+def sharded(conv, devices):
+    """`conv(x, kernel)` computed by each of `devices` on its share of the batch: a shard_map over a
+    one-axis mesh 'batch' of `devices` (the layout of the engine's data-parallel batches), the
+    kernel replicated. The kernel gradients of the shares are summed over the devices, as XLA sums
+    the gradients of the rest of the step. The batch must be a multiple of the devices' count."""
+    mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
+    spec = jax.sharding.PartitionSpec
+    return jax.shard_map(conv, mesh=mesh, in_specs=(spec("batch"), spec()), out_specs=spec("batch"),
+                         check_vma=False)
+
+
+def takes_batch_of(count):
+    """`takes`, for a batch split over `count` devices: also the batch a multiple of `count`."""
+
+    def accepts(shape, c_out):
+        return shape[0] is not None and shape[0] % count == 0 and takes(shape, c_out)
+
+    return accepts
+
+
 def layer_implementation_of(conv, accepts):
     """What model/layers.py's KernelConv3D calls: `conv` for a bf16 3×3×3 call whose input shape and
     output channels `accepts(shape, c_out)`, None (Keras's convolution) for any other."""
@@ -214,11 +236,15 @@ layer_implementation = layer_implementation_of(convolution, takes)
 
 
 def hopper_convolution():
-    """`layer_implementation` where the kernel runs, JAX computing on exactly one Hopper GPU (compute
-    capability 9.x; several devices would need the call sharded), else None."""
+    """`layer_implementation` where the kernel runs, else None: JAX computing in one process on Hopper
+    GPUs (compute capability 9.x). With several GPUs, the kernel `sharded` over them, for batches
+    that are a multiple of their count. Several processes keep XLA's convolutions: their evaluation
+    and prediction steps run on each process's own devices, not on the training mesh."""
     devices = jax.devices()
-    if len(devices) != 1 or devices[0].platform != "gpu":
+    if jax.process_count() != 1 or any(device.platform != "gpu" for device in devices):
         return None
-    if not str(getattr(devices[0], "compute_capability", "")).startswith("9."):
+    if not all(str(getattr(device, "compute_capability", "")).startswith("9.") for device in devices):
         return None
-    return layer_implementation
+    if len(devices) == 1:
+        return layer_implementation
+    return layer_implementation_of(sharded(convolution, devices), takes_batch_of(len(devices)))

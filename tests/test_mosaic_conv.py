@@ -149,3 +149,61 @@ def test_a_keras_layer_computes_with_the_kernel_as_with_keras():
     assert int(values["calls"]) >= 1  # the layer called the kernel
     assert float(values["output"]) < 2 ** -7
     assert float(values["kernel_grad"]) < 2 ** -6 and float(values["bias_grad"]) < 2 ** -6
+
+
+DATA_PARALLEL = """
+import functools
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+from engines import mosaic_conv
+# The interpreter's end-of-kernel check reads every device's shared memory, so with two devices
+# interpreted at once it sees the other device's live barriers and fails; each device's barriers
+# are still checked as the interpreter deallocates them.
+gpu_callbacks._assert_no_barriers_allocated = lambda token: token
+devices = jax.devices()
+assert len(devices) == 2
+options = dict(rows=2, interpret=InterpretGPUParams())
+shares = []
+def forward(x, kernel):
+    shares.append(x.shape[0])
+    return mosaic_conv.forward(x, kernel, **options)
+conv = mosaic_conv.kernel_convolution(forward, functools.partial(mosaic_conv.data_grad, **options))
+implementation = mosaic_conv.layer_implementation_of(mosaic_conv.sharded(conv, devices),
+                                                     mosaic_conv.takes_batch_of(len(devices)))
+rng = np.random.default_rng(0)
+shape = (2, 2, 2, 64)
+x = jnp.asarray(rng.standard_normal(shape + (32,)), jnp.bfloat16)
+kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 32, 32)) / np.sqrt(27 * 32), jnp.bfloat16)
+grad = jnp.asarray(rng.standard_normal(shape + (32,)), jnp.float32)
+split = NamedSharding(Mesh(np.array(devices), ("batch",)), PartitionSpec("batch"))
+def loss(conv, x, kernel):
+    y = conv(x, kernel)
+    return jnp.sum(y.astype(jnp.float32) * grad), y
+step = jax.jit(jax.value_and_grad(functools.partial(loss, implementation), (0, 1), has_aux=True))
+(_, y), (dx, dk) = step(jax.device_put(x, split), kernel)
+(_, y_ref), (dx_ref, dk_ref) = jax.value_and_grad(functools.partial(loss, mosaic_conv.xla_convolution), (0, 1),
+                                                  has_aux=True)(x.astype(jnp.float32), kernel.astype(jnp.float32))
+def relative(a, b):
+    return float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)) / jnp.max(jnp.abs(b)))
+print("share", shares[0], "devices", len(y.sharding.device_set), "output", relative(y, y_ref),
+      "data_grad", relative(dx, dx_ref), "kernel_grad", relative(dk, dk_ref),
+      "odd_batch_refused", implementation(x[:1], kernel) is None)
+"""
+
+
+def test_the_kernel_runs_on_each_devices_share_of_the_batch():
+    """Two CPU devices, the kernel in Pallas' interpreter inside `sharded`: each device convolves its
+    half of a batch of 2, and the output, the input gradient and the kernel gradient (summed over
+    the devices) match XLA's convolution of the whole batch; a batch of 1 is left to Keras's."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    result = subprocess.run([sys.executable, "-c", DATA_PARALLEL], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    words = result.stdout.split()
+    values = dict(zip(words[::2], words[1::2]))
+    assert values["share"] == "1" and values["devices"] == "2"
+    assert float(values["output"]) < 2 ** -7 and float(values["data_grad"]) < 2 ** -7
+    assert float(values["kernel_grad"]) < 2 ** -6
+    assert values["odd_batch_refused"] == "True"
