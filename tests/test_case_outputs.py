@@ -89,3 +89,29 @@ def test_output_flags_that_cannot_work_give_one_line_errors(argv, flag, capsys, 
     assert exited.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and flag in lines[0], lines
+
+
+def test_an_evaluation_within_training_keeps_the_training_bar_and_curves(tmp_path):
+    import io
+
+    from loops.hooks import Hooks, ProgressHook, TrainingCurvesHook
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    progress, curves = ProgressHook(Terminal()), TrainingCurvesHook(str(tmp_path), ckpt_every=2)
+    hooks = Hooks([progress, curves])
+    hooks.begin("train", 4, 0)
+    training_bar = progress.bar
+    hooks.after_step("train", 1, 1, 0.9)
+    assert not (tmp_path / "training_curves.png").exists()
+    hooks.after_step("train", 2, 1, 0.8)  # a checkpoint step
+    assert is_png(tmp_path / "training_curves.png")
+    for dice in (0.2, 0.3):  # an evaluation during training, then a later one of the same step
+        hooks.begin("eval", 1, 0)
+        assert progress.bar is not training_bar
+        hooks.after_step("eval", 1, 1, None)
+        hooks.end("eval", 2, {"MeanDice": dice})
+    assert progress.bar is training_bar
+    assert curves.losses == [(1, 0.9), (2, 0.8)] and curves.evaluations == [(2, {"MeanDice": 0.3})]
