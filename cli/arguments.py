@@ -46,8 +46,8 @@ def _add_run_flags(parser):
                        help="checkpoints and predictions go here (default: ./results); evaluate "
                             "and predict take several, an ensemble averaging their probabilities")
     group.add_argument("--output_dir", default=None,
-                       help="predict writes masks, probabilities and NIfTI files here (default: "
-                            "the first --model_dir)")
+                       help="predict writes masks, probabilities and NIfTI files here, evaluate "
+                            "metrics.csv, both PNGs (default: the first --model_dir)")
     group.add_argument("--log_dir", default="/tmp/unet3d_logs",
                        help="JSON-lines log (log.json) and TensorBoard files (default: %(default)s)")
     group.add_argument("--data_dir", default=None,
@@ -74,6 +74,15 @@ def _add_run_flags(parser):
                        help="predict also writes <case>.nii.gz masks in the dataset's own label "
                             "values (BraTS 2019-2021: 0, 1, 2, 4) on the case's own grid, into "
                             "model_dir/nifti")
+    group.add_argument("--save_png", action="store_true",
+                       help="evaluate and predict also write <case>.png into output_dir/png: the "
+                            "axial, coronal and sagittal slices through the tumour's centre, the "
+                            "first image channel with the ground truth (solid) and prediction "
+                            "(dashed) outlined")
+    group.add_argument("--eval_every", type=non_negative_int, default=0,
+                       help="training also evaluates (the centred window) every N steps, in one "
+                            "process; log_dir/training_curves.png plots the validation dice with "
+                            "the loss (default: 0, off)")
     group.add_argument("--benchmark", action="store_true",
                        help="time every step and report throughput and latency")
     group.add_argument("--warmup_steps", type=non_negative_int, default=None,
@@ -118,6 +127,11 @@ def _add_inference_flags(parser):
     group.add_argument("--tta", action="store_true",
                        help="test-time augmentation: the mean of the probabilities of the 8 "
                             "mirrorings of the three spatial axes")
+    group.add_argument("--challenge_metrics", action="store_true",
+                       help="unet3d with --sliding_window: evaluate also computes the BraTS "
+                            "challenge's metrics with panoptica (per region: Dice, NSD, HD95; "
+                            "lesion-wise TP, FP, FN, F1, Dice, NSD, HD95), writes them per case to "
+                            "metrics.csv in output_dir and logs their means")
     group.add_argument("--save_probabilities", action="store_true",
                        help="predict also writes each volume's class probabilities (float16, D×H×W×"
                             "classes) as <mask name>.npz beside its mask")

@@ -38,6 +38,8 @@ class RunSettings:
     disable_ckpt_saving: bool = False
     ckpt_every: int = 1000
     save_nifti: bool = False
+    save_png: bool = False
+    eval_every: int = 0
     benchmark: bool = False
     warmup_steps: int = 40
     log_every: int = 100
@@ -85,6 +87,7 @@ class InferenceSettings:
     sw_batch_size: int = 2
     tta: bool = False
     save_probabilities: bool = False
+    challenge_metrics: bool = False
 
 
 @dataclass(frozen=True)
@@ -334,12 +337,37 @@ def _fill_processes(flags, environ, launcher):
                         "and srun)")
 
 
+def _check_outputs(settings):
+    """The challenge's metrics, pictures and evaluation during training."""
+    run, inference = settings.run, settings.inference
+    if inference.challenge_metrics:
+        if run.model == "vnet":
+            raise FlagError("argument --challenge_metrics: the BraTS metrics are for --model unet3d")
+        if not run.evaluates:
+            raise FlagError("argument --challenge_metrics: computed by --exec_mode evaluate or "
+                            f"train_and_evaluate, not {run.exec_mode}")
+        if not inference.sliding_window:
+            raise FlagError("argument --challenge_metrics: the lesion-wise metrics need whole "
+                            "volumes; add --sliding_window")
+    if run.save_png and run.exec_mode == "train":
+        raise FlagError("argument --save_png: pictures are of evaluate and predict; use "
+                        "--exec_mode train_and_evaluate, evaluate or predict")
+    if run.eval_every:
+        if not run.trains:
+            raise FlagError(f"argument --eval_every: evaluates during training, and --exec_mode "
+                            f"{run.exec_mode} does not train")
+        if run.benchmark:
+            raise FlagError("argument --eval_every: leave it out with --benchmark (evaluations "
+                            "would be timed as training steps)")
+
+
 def check(settings):
     """The checks between sections; a FlagError names the flag."""
     run, data, net = settings.run, settings.data, settings.network
     if settings.inference.sliding_window and run.model == "vnet":
         raise FlagError("argument --sliding_window: V-Net's inputs are resampled whole onto "
                         "--input_shape; leave it out for --model vnet (--tta works for both)")
+    _check_outputs(settings)
     if run.model == "unet3d" and net.fold >= net.num_folds:
         raise FlagError(f"argument --fold: must be below --num_folds ({net.num_folds}), got "
                         f"{net.fold}")

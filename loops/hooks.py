@@ -38,6 +38,10 @@ class Hooks(Hook):
     def __init__(self, hooks):
         self.hooks = [h for h in hooks if h is not None]
 
+    def add(self, hook):
+        """Append a hook (one that needs the loops built first)."""
+        self.hooks.append(hook)
+
     def begin(self, mode, total_steps, first_step):
         for hook in self.hooks:
             hook.begin(mode, total_steps, first_step)
@@ -109,10 +113,12 @@ class LoggingHook(Hook):
 
     def __init__(self, logger, log_every):
         self.logger, self.log_every = logger, log_every
-        self._since, self._steps, self._examples = None, 0, 0
+        self._since, self._steps, self._examples, self._paused = None, 0, 0, None
 
     def begin(self, mode, total_steps, first_step):
-        self._since, self._steps, self._examples = time.perf_counter(), 0, 0
+        if mode == "train" or self._since is None:
+            self._since, self._steps, self._examples = time.perf_counter(), 0, 0
+        self._paused = time.perf_counter()
 
     def after_step(self, mode, step, batch_size, loss):
         if mode != "train":
@@ -132,6 +138,8 @@ class LoggingHook(Hook):
     def end(self, mode, step, results):
         if mode == "eval":
             self.logger.log("eval", step, {k: float(v) for k, v in results.items()})
+        if mode != "train":  # an evaluation within training does not count as training time
+            self._since += time.perf_counter() - self._paused
 
 
 def benchmark_stats(step_times, batch_size, mode):
@@ -180,10 +188,12 @@ class ProgressHook(Hook):
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
-        self.bar = None
+        self.bar, self._outer = None, []
 
     def begin(self, mode, total_steps, first_step):
         from common.progress import Progress
+        self._outer.append(self.bar)  # an evaluation within training has a bar of its own
+        self.bar = None
         if self.stream.isatty() and total_steps:
             self.bar = Progress(total_steps, mode, self.stream)
             self.bar.done = first_step
@@ -199,7 +209,7 @@ class ProgressHook(Hook):
     def end(self, mode, step, results):
         if self.bar:
             self.bar.close()
-            self.bar = None
+        self.bar = self._outer.pop() if self._outer else None
 
 
 class CheckpointHook(Hook):
@@ -244,3 +254,46 @@ class ProfileHook(Hook):
         if self._running:
             self.engine.stop_trace()
             self._running, self._start = False, None
+
+
+class EvalEveryHook(Hook):
+    """Every `every` training steps, `evaluate(step)` (the evaluation loop, whose results reach
+    the hooks as an "eval" end)."""
+
+    def __init__(self, evaluate, every):
+        self.evaluate, self.every = evaluate, every
+
+    def after_step(self, mode, step, batch_size, loss):
+        if mode == "train" and step % self.every == 0:
+            self.evaluate(step)
+
+
+class TrainingCurvesHook(Hook):
+    """log_dir/training_curves.png: the training loss (each logged one) and the validation
+    scores of the run's evaluations against the step, written at every checkpoint
+    (`ckpt_every`), after each evaluation and at the end of training."""
+
+    def __init__(self, log_dir, ckpt_every):
+        self.path = os.path.join(log_dir, "training_curves.png")
+        self.ckpt_every = ckpt_every
+        self.losses, self.evaluations = [], []
+
+    def after_step(self, mode, step, batch_size, loss):
+        if mode != "train":
+            return
+        if loss is not None:
+            self.losses.append((step, float(loss)))
+        if self.ckpt_every and step % self.ckpt_every == 0:
+            self.write()
+
+    def end(self, mode, step, results):
+        if mode == "eval" and results and self.losses:  # a later one of the same step replaces it
+            self.evaluations = [e for e in self.evaluations if e[0] != step]
+            self.evaluations.append((step, {k: float(v) for k, v in results.items()}))
+        if mode == "train" or (mode == "eval" and self.losses):
+            self.write()
+
+    def write(self):
+        """Draw the curves so far into the PNG."""
+        from loops.pictures import training_curves_png
+        training_curves_png(self.path, self.losses, self.evaluations)

@@ -117,11 +117,13 @@ class Inference:
         masks = ops.convert_to_numpy(self._mask(probs))
         return masks, ops.convert_to_numpy(ops.cast(probs, "float16")) if probabilities else None
 
-    def scores(self, x, y, report=None):
-        """The metrics of a batch scored on the probabilities: {name: (B,) NumPy array}."""
+    def scores(self, x, y, report=None, masks=False):
+        """The metrics of a batch scored on the probabilities: {name: (B,) NumPy array}; with
+        `masks`, (that, the int8 argmax masks (B, D, H, W) as NumPy)."""
         probs = self.probabilities(x, report)
         scores = self._scores(ops.convert_to_tensor(y), probs)
-        return {key: ops.convert_to_numpy(value) for key, value in scores.items()}
+        scores = {key: ops.convert_to_numpy(value) for key, value in scores.items()}
+        return (scores, ops.convert_to_numpy(self._mask(probs))) if masks else scores
 
     def _sliding(self, x, report):
         blended = []

@@ -39,18 +39,27 @@ class Trainer:
         self.hooks.end("train", step, {})
         return loss_value
 
-    def evaluate(self, dataset, step, inference=None, total=None):
+    def evaluate(self, dataset, step, inference=None, total=None, case_fn=None):
         """Mean of each per-volume score over every volume of `dataset` (`total` batches, if known).
 
         With an `Inference` the scores are of its probabilities (sliding windows, mirroring, an
-        ensemble); otherwise of the engine's plain step."""
+        ensemble); otherwise of the engine's plain step. `case_fn(i, image, one-hot truth, mask)`,
+        which needs an `Inference`, is called for every volume i with its argmax mask (NumPy)."""
         self.hooks.begin("eval", total, 0)
-        scores, count = {}, 0
+        scores, count, index = {}, 0, 0
         batches = dataset if inference is None else self.engine.prefetch(dataset)
         try:
             for count, (x, y) in enumerate(batches, start=1):
-                batch_scores = (self.engine.eval_step(x, y) if inference is None
-                                else inference.scores(x, y, self._windows_done("eval")))
+                if inference is None:
+                    batch_scores = self.engine.eval_step(x, y)
+                elif case_fn is None:
+                    batch_scores = inference.scores(x, y, self._windows_done("eval"))
+                else:
+                    batch_scores, masks = inference.scores(x, y, self._windows_done("eval"), True)
+                    x, y = np.asarray(x), np.asarray(y)
+                    for i, mask in enumerate(masks):
+                        case_fn(index + i, x[i], y[i], mask)
+                index += int(x.shape[0])
                 for key, values in batch_scores.items():
                     scores.setdefault(key, []).append(values)
                 self.hooks.after_step("eval", count, int(x.shape[0]), None)
@@ -61,10 +70,11 @@ class Trainer:
         return results
 
     def predict(self, dataset, out_dir=None, names=None, mask_fn=None, inference=None,
-                save_probabilities=False, total=None):
+                save_probabilities=False, total=None, case_fn=None):
         """Argmax masks of every volume; mask i is saved as out_dir/<names[i]>.npy unless out_dir is None.
 
-        `mask_fn(i, mask)` is called for every mask as well (extra formats). With an `Inference`
+        `mask_fn(i, mask)` is called for every mask as well (extra formats), and
+        `case_fn(i, image, None, mask)` with the volume's image (pictures). With an `Inference`
         the masks are of its probabilities, which `save_probabilities` also writes (float16) as
         out_dir/<names[i]>.npz. `total` is the number of batches, if known. Returns the count.
         """
@@ -86,6 +96,8 @@ class Trainer:
                                  probabilities=probabilities[i])
                     if mask_fn is not None:
                         mask_fn(index, mask)
+                    if case_fn is not None:
+                        case_fn(index, np.asarray(x[i]), None, mask)
                     index += 1
                 self.hooks.after_step("predict", step, int(masks.shape[0]), None)
         finally:  # stop a prefetching reader now

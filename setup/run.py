@@ -9,8 +9,8 @@ import numpy as np
 from common import run_record
 from common.errors import UserError
 from loops import checkpoint
-from loops.hooks import (BenchmarkHook, CheckpointHook, Hooks, Logger, LoggingHook, ProfileHook,
-                         ProgressHook, TensorBoard)
+from loops.hooks import (BenchmarkHook, CheckpointHook, EvalEveryHook, Hooks, Logger, LoggingHook,
+                         ProfileHook, ProgressHook, TensorBoard, TrainingCurvesHook)
 from loops.trainer import Trainer
 from setup.machine import resolve_machine
 from tasks.base import make_task
@@ -24,7 +24,7 @@ def make_logger(settings, machine):
     return Logger(machine.log_dir, enabled=machine.writes, tensorboard=tensorboard)
 
 
-def make_hooks(settings, logger, save_fn, global_batch, engine):
+def make_hooks(settings, machine, logger, save_fn, global_batch, engine):
     """The hooks every mode shares."""
     run = settings.run
     hooks = [LoggingHook(logger, run.log_every), ProgressHook()]
@@ -34,6 +34,8 @@ def make_hooks(settings, logger, save_fn, global_batch, engine):
         hooks.append(BenchmarkHook(logger, run.warmup_steps, global_batch))
     elif save_fn is not None:
         hooks.append(CheckpointHook(save_fn, run.ckpt_every))
+    if run.trains and not run.benchmark and logger.enabled and machine.log_dir:
+        hooks.append(TrainingCurvesHook(machine.log_dir, run.ckpt_every))
     return Hooks(hooks)
 
 
@@ -117,11 +119,13 @@ def restore_for_inference(settings, model, engine, cluster):
 
 
 def make_inference(settings, data, engine, model, members):
-    """The `Inference` of the settings (sliding windows, mirroring, an ensemble), or None when the
-    plain centred-window steps serve: one model, no mirroring, no probabilities to save."""
-    inference = settings.inference
-    saves = inference.save_probabilities and settings.run.predicts
-    if not (inference.sliding_window or inference.tta or members or saves):
+    """The `Inference` of the settings (sliding windows, mirroring, an ensemble, masks of the
+    evaluated cases), or None when the plain centred-window steps serve: one model, no
+    mirroring, no probabilities to save, no case to picture or score."""
+    inference, run_settings = settings.inference, settings.run
+    saves = inference.save_probabilities and run_settings.predicts
+    cases = run_settings.evaluates and (run_settings.save_png or inference.challenge_metrics)
+    if not (inference.sliding_window or inference.tta or members or saves or cases):
         return None
     from loops.inference import Inference
     from loops.window_layout import sliding_window_shape
@@ -203,6 +207,30 @@ def make_save_fn(settings, machine, data, engine, model, optimizer):
     return save
 
 
+def case_report(settings, machine, data, evaluating):
+    """The `CaseReport` of evaluate (`evaluating`) or predict: the challenge's metrics of each
+    case and its picture into output_dir/png, as the flags ask; None when they ask for neither."""
+    run_settings = settings.run
+    metrics = settings.inference.challenge_metrics and evaluating
+    if not (metrics or run_settings.save_png):
+        return None
+    from loops.case_report import CaseReport
+    png_dir = None
+    if run_settings.save_png:
+        png_dir = os.path.join(run_settings.output_dir or machine.model_dir, "png")
+    if run_settings.model == "vnet":
+        pairs = data.eval_pairs if evaluating else [(path, None) for path in data.test_paths]
+        records = [{"case": os.path.basename(image).split(".")[0]} for image, _ in pairs]
+        return CaseReport(records, list(data.label_names), png_dir=png_dir)
+    from dataset.conventions import CONVENTIONS
+    convention = CONVENTIONS[settings.network.convention]
+    challenge = None
+    if metrics:
+        from loops.challenge_metrics import ChallengeMetrics
+        challenge = ChallengeMetrics(convention)
+    return CaseReport(data.eval_records, convention.names, challenge, png_dir)
+
+
 def whole_volume(settings):
     """Whether evaluate and predict need whole volumes in one process (sliding windows, mirroring,
     probabilities to save, an ensemble)."""
@@ -218,23 +246,31 @@ def run(settings):
     if cluster.broadcasts and whole_volume(settings) and run_settings.exec_mode != "train":
         raise UserError("--sliding_window, --tta, --save_probabilities and ensembles run in one "
                         "process: train with several, then evaluate or predict with one")
+    if run_settings.eval_every and cluster.num_workers > 1:
+        raise UserError("--eval_every evaluates in one process: leave it out when training with "
+                        "several workers")
     with cluster.failures():  # a lost peer: one line
         logger = make_logger(settings, machine)
         task = make_task(run_settings.model, settings.network, settings.data, machine)
         data = task.data(cluster.worker_id, cluster.num_workers,
                          settings.data.batch_size * machine.local_batch,
-                         need_eval=run_settings.evaluates, need_test=run_settings.predicts)
+                         need_eval=run_settings.evaluates or bool(run_settings.eval_every),
+                         need_test=run_settings.predicts)
         model, optimizer, engine = build(settings, machine, task, data)
 
         save_fn = make_save_fn(settings, machine, data, engine, model, optimizer)
         global_batch = settings.data.batch_size * cluster.num_replicas
-        hooks = make_hooks(settings, logger, save_fn, global_batch, engine)
+        hooks = make_hooks(settings, machine, logger, save_fn, global_batch, engine)
         trainer = Trainer(engine, hooks, run_settings.log_every, sync_every_step=run_settings.benchmark,
                           dump_dir=run_settings.dump_config if machine.writes else None)
-        return run_modes(settings, machine, task, data, model, optimizer, trainer)
+        if run_settings.eval_every:
+            hooks.add(EvalEveryHook(lambda step: trainer.evaluate(
+                data.eval_dataset(), step, total=math.ceil(data.n_eval / data.batch_size)),
+                run_settings.eval_every))
+        return run_modes(settings, machine, task, data, model, optimizer, trainer, logger)
 
 
-def run_modes(settings, machine, task, data, model, optimizer, trainer):
+def run_modes(settings, machine, task, data, model, optimizer, trainer, logger):
     """Train, evaluate and predict as the exec_mode asks; returns what each produced."""
     run_settings, cluster = settings.run, machine.cluster
     results, step, members = {}, None, None
@@ -263,7 +299,12 @@ def run_modes(settings, machine, task, data, model, optimizer, trainer):
     if run_settings.evaluates:
         dataset = data.eval_volumes() if sliding else data.eval_dataset()
         total = data.n_eval if sliding else math.ceil(data.n_eval / data.batch_size)
-        results["eval"] = trainer.evaluate(dataset, step, inference, total)
+        report = case_report(settings, machine, data, evaluating=True)
+        results["eval"] = trainer.evaluate(dataset, step, inference, total, report)
+        if report is not None:
+            out_dir = run_settings.output_dir or machine.model_dir
+            os.makedirs(out_dir, exist_ok=True)
+            results["challenge"] = report.finish(out_dir, logger, step)
     if run_settings.predicts:
         results["predictions"] = predict(settings, machine, task, data, trainer, inference)
     return results
@@ -285,6 +326,7 @@ def predict(settings, machine, task, data, trainer, inference=None):
     nifti = task.nifti_writer(data, os.path.join(out_dir, "nifti")) if run_settings.save_nifti else None
     count = trainer.predict(dataset, out_dir, names, nifti, inference,
                             settings.inference.save_probabilities,
-                            total=math.ceil(len(names) / (1 if sliding else data.batch_size)))
+                            total=math.ceil(len(names) / (1 if sliding else data.batch_size)),
+                            case_fn=case_report(settings, machine, data, evaluating=False))
     print(f"wrote {count} masks to {out_dir}", flush=True)
     return count
