@@ -35,15 +35,38 @@ def load_nifti(path):
     return np.swapaxes(data.astype(np.int16), 0, 1)
 
 
-def scale_modality(volume):
-    """Clip at 0.85·max, scale to 255/new max and truncate to uint8, in the reference's float32 steps."""
+def scale_modality(volume, clip_fraction=CLIP_FRACTION):
+    """Clip at 0.85·max (`clip_fraction`), scale to 255/new max and truncate to uint8, in the
+    reference's float32 steps."""
     vol = volume.astype(np.float32)
     # The reference ran on NumPy 1, where 0.85 * float32 scalar was a float64 product; keep that
     # rounding so the bytes match.
-    top = np.float32(CLIP_FRACTION * float(vol.max()))
+    top = np.float32(clip_fraction * float(vol.max()))
     vol[vol > top] = top
     vol = 255 * vol / vol.max()
     return vol.astype(np.uint8)
+
+
+def convert_images(paths, clip_fraction=CLIP_FRACTION):
+    """(volume uint8 (D, H, W, C), mean float32[C], stdev float32[C]) of the modality files
+    `paths`, in channel order: each read and scaled (`scale_modality`), stacked, and the
+    foreground (voxels > 0) mean and standard deviation of each channel."""
+    channels, shape = [], None
+    for path in paths:
+        raw = load_nifti(path)
+        if shape is not None and raw.shape != shape:
+            raise UserError(f"{path}: shape {raw.shape} differs from the case's {shape}")
+        shape = raw.shape
+        if raw.max() <= 0:
+            raise UserError(f"{path}: the volume is empty (no voxel above 0)")
+        channels.append(scale_modality(raw, clip_fraction))
+    volume = np.stack(channels, axis=-1)
+    mean, stdev = [], []
+    for i in range(volume.shape[-1]):
+        foreground = volume[..., i][volume[..., i] > 0]
+        mean.append(np.mean(foreground))
+        stdev.append(np.std(foreground))
+    return volume, np.float32(mean), np.float32(stdev)
 
 
 def convert_case(case_dir):
@@ -53,17 +76,8 @@ def convert_case(case_dir):
     can be written back in the case's own geometry.
     """
     files = case_files(case_dir)
-    channels, shape = [], None
-    for key in MODALITIES:
-        raw = load_nifti(files[key])
-        if shape is not None and raw.shape != shape:
-            raise UserError(f"{files[key]}: shape {raw.shape} differs from the case's {shape}")
-        shape = raw.shape
-        if raw.max() <= 0:
-            raise UserError(f"{files[key]}: the volume is empty (no voxel above 0)")
-        channels.append(scale_modality(raw))
-    volume = np.stack(channels, axis=-1)
-
+    volume, mean, stdev = convert_images([files[key] for key in MODALITIES])
+    shape = volume.shape[:3]
     seg = load_nifti(files[SEG])
     if seg.shape != shape:
         raise UserError(f"{files[SEG]}: shape {seg.shape} differs from the images' {shape}")
@@ -72,12 +86,6 @@ def convert_case(case_dir):
         raise UserError(f"{files[SEG]}: labels {unexpected} outside the BraTS labels {{0, 1, 2, 4}}")
     labels = seg.astype(np.uint8)
     labels[labels == 4] = 3
-
-    mean, stdev = [], []
-    for i in range(volume.shape[-1]):
-        foreground = volume[..., i][volume[..., i] > 0]
-        mean.append(np.mean(foreground))
-        stdev.append(np.std(foreground))
     name = os.path.basename(os.path.normpath(case_dir))
     affine = nib.load(files[SEG]).affine
-    return name, volume, labels, np.float32(mean), np.float32(stdev), affine
+    return name, volume, labels, mean, stdev, affine
