@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 
 from common.errors import UserError
 from common.version import VERSION
@@ -134,8 +135,10 @@ def write_export(model, export_dir, body):
     try:
         _write_saved_model(model, os.path.join(work, SAVED_MODEL), signature)
         onnx_path = os.path.join(work, ONNX_FILE)
-        model.export(onnx_path, format="onnx", input_signature=[signature], opset_version=ONNX_OPSET,
-                     verbose=False)
+        with warnings.catch_warnings():  # Keras' tf2onnx patch probes np.object, a FutureWarning
+            warnings.simplefilter("ignore", FutureWarning)
+            model.export(onnx_path, format="onnx", input_signature=[signature],
+                         opset_version=ONNX_OPSET, verbose=False)
         body = dict(body, onnx=dict(body["onnx"], **onnx_names(onnx_path)), files=file_hashes(work))
         with open(os.path.join(work, METADATA), "w") as handle:
             json.dump(body, handle, indent=2)
