@@ -53,12 +53,12 @@ def main():
     from engines.tf_engine import TFEngine
     from loops.export import INPUT_NAME, ONNX_OPSET
     from loops.inference import Inference
-    from setup.run import _Classes
+    from setup.run import ClassCount
     from tasks.base import make_task
 
     window = tuple(args.window or ((64, 64, 64) if args.model == "unet3d" else (32, 32, 32)))
     net = NETWORK_SECTIONS["vnet"](input_shape=window) if args.model == "vnet" else NETWORK_SECTIONS["unet3d"]()
-    model = make_task(args.model, net, DataSettings(seed=0)).model(_Classes(3))
+    model = make_task(args.model, net, DataSettings(seed=0)).model(ClassCount(3))
     channels = int(model.input.shape[-1])
     x = np.random.default_rng(0).standard_normal((1, *window, channels)).astype(np.float32)
 

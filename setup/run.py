@@ -190,7 +190,7 @@ def whole_volume(settings):
             or len(settings.run.model_dirs) > 1)
 
 
-class _Classes:
+class ClassCount:
     """What V-Net's model needs of its data to export: the number of classes."""
 
     def __init__(self, n_classes):
@@ -216,7 +216,7 @@ def export(settings):
     keras.mixed_precision.set_dtype_policy("float32")
     network = saved["network"]
     task = make_task(run_settings.model, settings.network, settings.data)
-    model = task.model(_Classes(network.get("n_classes")))
+    model = task.model(ClassCount(network.get("n_classes")))
     checkpoint.restore(path, model)
     body = write_export(model, run_settings.export_dir,
                         describe(network, saved.get("run", {}), step, settings.inference))

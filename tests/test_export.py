@@ -81,14 +81,14 @@ def keras_model(model_dir):
     from common import run_record
     from common.settings import DataSettings, NETWORK_SECTIONS
     from loops import checkpoint
-    from setup.run import _Classes
+    from setup.run import ClassCount
     from tasks.base import make_task
     network = run_record.read(model_dir)["network"]
     section = NETWORK_SECTIONS[network["model"]]
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in network.items()
               if k in section.NETWORK_FIELDS}
     model = make_task(network["model"], section(**fields), DataSettings()).model(
-        _Classes(network["n_classes"]))
+        ClassCount(network["n_classes"]))
     checkpoint.restore(checkpoint.latest_checkpoint(model_dir)[1], model)
     return model
 
