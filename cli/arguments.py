@@ -48,6 +48,10 @@ def _add_run_flags(parser):
     group.add_argument("--output_dir", default=None,
                        help="predict writes masks, probabilities and NIfTI files here, evaluate "
                             "metrics.csv, both PNGs (default: the first --model_dir)")
+    group.add_argument("--export_dir", default=None,
+                       help="--exec_mode export writes the newest checkpoint of --model_dir here, "
+                            "as a SavedModel, model.onnx and metadata.json for segment.py (a new "
+                            "or empty folder)")
     group.add_argument("--log_dir", default="/tmp/unet3d_logs",
                        help="JSON-lines log (log.json) and TensorBoard files (default: %(default)s)")
     group.add_argument("--data_dir", default=None,
@@ -300,7 +304,7 @@ def parse_args(argv=None, environ=None):
     for name in ("num_workers_per_hls", "hls_type", "kubernetes_run"):  # the reference's, unused
         flags.pop(name)
     environ = os.environ if environ is None else environ
-    reads_saved = flags["exec_mode"] in ("evaluate", "predict") or flags["resume_training"]
+    reads_saved = flags["exec_mode"] in ("evaluate", "predict", "export") or flags["resume_training"]
     saved = None
     if reads_saved:
         saved = saved_network(flags["model_dirs"], lambda d: latest_checkpoint(d) is not None)

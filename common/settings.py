@@ -15,7 +15,7 @@ from typing import Optional
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_BF16_CONFIG = os.path.join(HERE, "bf16_config", "unet.json")
 
-EXEC_MODES = ("train", "evaluate", "train_and_evaluate", "predict", "train_and_predict")
+EXEC_MODES = ("train", "evaluate", "train_and_evaluate", "predict", "train_and_predict", "export")
 TRAINS = ("train", "train_and_evaluate", "train_and_predict")
 EVALUATES = ("evaluate", "train_and_evaluate")
 PREDICTS = ("predict", "train_and_predict")
@@ -33,6 +33,7 @@ class RunSettings:
     exec_mode: str = "train_and_evaluate"
     model_dirs: tuple = ("./results",)
     output_dir: Optional[str] = None
+    export_dir: Optional[str] = None
     log_dir: str = "/tmp/unet3d_logs"
     resume_training: bool = False
     disable_ckpt_saving: bool = False
@@ -67,6 +68,11 @@ class RunSettings:
     def predicts(self):
         """Whether this mode predicts."""
         return self.exec_mode in PREDICTS
+
+    @property
+    def exports(self):
+        """Whether this mode exports the trained model (loops/export.py)."""
+        return self.exec_mode == "export"
 
 
 @dataclass(frozen=True)
@@ -199,8 +205,12 @@ def _section(cls, flags, **extra):
 
 
 def _bind(flags, saved, model_dir):
-    """Fill the network-defining flags left out from `saved`; a contradicting flag is an error."""
+    """Fill the network-defining flags left out from `saved`; a contradicting flag is an error.
+    What the data fixed rather than a flag (V-Net's n_classes, from dataset.json) does not bind."""
+    section = NETWORK_SECTIONS.get(saved.get("model"))
     for name, value in saved.items():
+        if section is not None and name != "model" and name not in section.NETWORK_FIELDS:
+            continue
         given = flags.get(name)
         if isinstance(given, (list, tuple)):
             given = list(given)
@@ -264,6 +274,11 @@ def resolve(flags, environ=None, launcher=None, saved=None, records=None):
     backend = flags.get("backend") or environ.get("KERAS_BACKEND") or "tensorflow"
     if backend not in ("tensorflow", "jax"):
         raise FlagError(f"KERAS_BACKEND={backend}: this tool runs on tensorflow or jax")
+    if exec_mode == "export":
+        if flags.get("backend") == "jax":
+            raise FlagError("argument --backend: --exec_mode export writes TensorFlow's SavedModel "
+                            "and runs on tensorflow (checkpoints of either backend load); leave it out")
+        backend = "tensorflow"  # the checkpoints are the same on both backends
     flags["backend"] = backend
     _check_backend(flags)
     _fill_processes(flags, environ, launcher)
@@ -383,8 +398,27 @@ def check(settings):
     if data.synth_data and run.save_nifti:
         raise FlagError("argument --save_nifti: synthetic test images have no case grid to write "
                         "onto; leave out --save_nifti or --synth_data")
+    _check_export(run)
     if data.data_dir is not None and not os.path.isdir(data.data_dir):
         raise FlagError(f"argument --data_dir: {data.data_dir} is not a folder")
     precision = settings.precision
     if precision.bf16_config_explicit and not os.path.isfile(precision.bf16_config_path):
         raise FlagError(f"argument --bf16_config_path: {precision.bf16_config_path} does not exist")
+
+
+def _check_export(run):
+    """--export_dir goes with --exec_mode export, and names a folder without files in it."""
+    if not run.exports:
+        if run.export_dir is not None:
+            raise FlagError("argument --export_dir: only --exec_mode export writes there")
+        return
+    if run.export_dir is None:
+        raise FlagError("argument --export_dir: --exec_mode export needs the folder to write the "
+                        "SavedModel, model.onnx and metadata.json into")
+    if len(run.model_dirs) > 1:
+        raise FlagError(f"argument --model_dir: export takes one trained folder, got "
+                        f"{len(run.model_dirs)}")
+    if os.path.exists(run.export_dir) and (not os.path.isdir(run.export_dir)
+                                           or os.listdir(run.export_dir)):
+        raise FlagError(f"argument --export_dir: {run.export_dir} already holds files; export "
+                        "into a new or empty folder (nothing there is overwritten)")

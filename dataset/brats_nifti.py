@@ -55,15 +55,37 @@ def load_channels(source):
     return [(path, _as_volume(data[..., c])) for c in source.channel_order], image.affine
 
 
-def scale_modality(volume):
-    """Clip at 0.85·max, scale to 255/new max and truncate to uint8, in the reference's float32 steps."""
+def scale_modality(volume, clip_fraction=CLIP_FRACTION):
+    """Clip at 0.85·max (`clip_fraction`), scale to 255/new max and truncate to uint8, in the
+    reference's float32 steps."""
     vol = volume.astype(np.float32)
     # The reference ran on NumPy 1, where 0.85 * float32 scalar was a float64 product; keep that
     # rounding so the bytes match.
-    top = np.float32(CLIP_FRACTION * float(vol.max()))
+    top = np.float32(clip_fraction * float(vol.max()))
     vol[vol > top] = top
     vol = 255 * vol / vol.max()
     return vol.astype(np.uint8)
+
+
+def convert_images(loaded, clip_fraction=CLIP_FRACTION):
+    """(volume uint8 (D, H, W, C), mean float32[C], stdev float32[C]) of the channels `loaded`
+    ([(path, int16 volume)], in channel order): each scaled (`scale_modality`), stacked, and the
+    foreground (voxels > 0) mean and standard deviation of each channel."""
+    channels, shape = [], None
+    for path, raw in loaded:
+        if shape is not None and raw.shape != shape:
+            raise UserError(f"{path}: shape {raw.shape} differs from the case's {shape}")
+        shape = raw.shape
+        if raw.max() <= 0:
+            raise UserError(f"{path}: the volume is empty (no voxel above 0)")
+        channels.append(scale_modality(raw, clip_fraction))
+    volume = np.stack(channels, axis=-1)
+    mean, stdev = [], []
+    for i in range(volume.shape[-1]):
+        foreground = volume[..., i][volume[..., i] > 0]
+        mean.append(np.mean(foreground))
+        stdev.append(np.std(foreground))
+    return volume, np.float32(mean), np.float32(stdev)
 
 
 def convert_case(source):
@@ -76,15 +98,8 @@ def convert_case(source):
     is a UserError naming the file.
     """
     loaded, image_affine = load_channels(source)
-    channels, shape = [], None
-    for path, raw in loaded:
-        if shape is not None and raw.shape != shape:
-            raise UserError(f"{path}: shape {raw.shape} differs from the case's {shape}")
-        shape = raw.shape
-        if raw.max() <= 0:
-            raise UserError(f"{path}: the volume is empty (no voxel above 0)")
-        channels.append(scale_modality(raw))
-    volume = np.stack(channels, axis=-1)
+    volume, mean, stdev = convert_images(loaded)
+    shape = volume.shape[:3]
 
     seg, affine = load_nifti(source.seg)
     if seg.shape != shape:
@@ -99,10 +114,4 @@ def convert_case(source):
         labels = convention.to_classes(seg)
     except ValueError as err:
         raise UserError(f"{source.seg}: {err}; is this case in another dataset's folder?") from None
-
-    mean, stdev = [], []
-    for i in range(volume.shape[-1]):
-        foreground = volume[..., i][volume[..., i] > 0]
-        mean.append(np.mean(foreground))
-        stdev.append(np.std(foreground))
-    return source.name, volume, labels, np.float32(mean), np.float32(stdev), affine
+    return source.name, volume, labels, mean, stdev, affine

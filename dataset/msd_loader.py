@@ -56,7 +56,7 @@ class MsdData:
         self.train_x, self.train_y = load(self.train_pairs, "reading training cases")
         self.eval_x, self.eval_y = load(self.eval_pairs, "reading validation cases")
         self.test_x = load([(p, None) for p in self.test_paths], "reading test images")[0] if need_test else []
-        self.n_train, self.n_eval = len(self.train_x), len(self.eval_x)
+        self.n_train, self.n_eval, self.n_test = len(self.train_x), len(self.eval_x), len(self.test_x)
         self.test_names = [os.path.basename(p).split(".")[0] for p in self.test_paths]
 
     def train_dataset(self, start_step=0):

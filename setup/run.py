@@ -239,8 +239,45 @@ def whole_volume(settings):
             or len(settings.run.model_dirs) > 1)
 
 
+class ClassCount:
+    """What V-Net's model needs of its data to export: the number of classes."""
+
+    def __init__(self, n_classes):
+        self.n_classes = n_classes
+
+
+def export(settings):
+    """--exec_mode export: the newest checkpoint of --model_dir, built from its settings.json in
+    float32 on TensorFlow, written by loops/export.py into --export_dir; returns metadata.json's
+    body."""
+    from common.quiet_import import import_tensorflow
+    run_settings = settings.run
+    step, path = newest_checkpoint(run_settings.model_dir, run_settings.exec_mode)
+    saved = run_record.read(run_settings.model_dir)
+    if saved is None:
+        raise UserError(f"--model_dir {run_settings.model_dir}: no {run_record.FILE_NAME} (trained "
+                        "before version 2.0), so its preprocessing and labels are unknown; train "
+                        "it again to export it")
+    import_tensorflow(run_settings.tf_verbosity)
+    import keras
+
+    from loops.export import describe, write_export
+    keras.mixed_precision.set_dtype_policy("float32")
+    network = saved["network"]
+    task = make_task(run_settings.model, settings.network, settings.data)
+    model = task.model(ClassCount(network.get("n_classes")))
+    checkpoint.restore(path, model)
+    body = write_export(model, run_settings.export_dir,
+                        describe(network, saved.get("run", {}), step, settings.inference))
+    print(f"exported step {step} of {run_settings.model_dir} to {run_settings.export_dir}",
+          flush=True)
+    return body
+
+
 def run(settings):
     """Run the modes `settings.run.exec_mode` asks for; returns a dict of what each produced."""
+    if settings.run.exports:
+        return {"export": export(settings)}
     machine = resolve_machine(settings)
     cluster, run_settings = machine.cluster, settings.run
     if cluster.broadcasts and whole_volume(settings) and run_settings.exec_mode != "train":
