@@ -142,11 +142,16 @@ def case_channel_files(case_dir, channels):
         raise UserError(f"{case_dir}: not a case folder; this UNet3D takes a BraTS case folder "
                         f"with <case>_{{{','.join(channels)}}}.nii.gz")
     name = os.path.basename(os.path.normpath(case_dir))
-    paths = [os.path.join(case_dir, f"{name}_{channel}.nii.gz") for channel in channels]
-    missing = [os.path.basename(p) for p in paths if not os.path.isfile(p)]
+    paths, missing = [], []
+    for channel in channels:  # BraTS 2019-2021 name them <case>_<channel>, BraTS 2023+ <case>-<channel>
+        found = [os.path.join(case_dir, f"{name}{sep}{channel}.nii.gz") for sep in "_-"]
+        found = [path for path in found if os.path.isfile(path)]
+        paths += found[:1]
+        missing += [] if found else [f"{name}_{channel}.nii.gz"]
     if missing:
         raise UserError(f"{case_dir}: lacks {', '.join(missing)}; the model's channels are "
-                        f"{', '.join(channels)} (metadata.json), one file <case>_<channel>.nii.gz each")
+                        f"{', '.join(channels)} (metadata.json), one file <case>_<channel>.nii.gz "
+                        "(or <case>-<channel>.nii.gz) each")
     return paths
 
 
