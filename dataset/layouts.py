@@ -32,6 +32,16 @@ CHALLENGE_CONVENTIONS = {"GLI": "brats-gli-post", "MET": "brats-gli-post", "SSA"
                          "MEN": "brats-gli", "PED": "brats-ped", "MEN-RT": "brats-men-rt"}
 NARROWER = {"brats-gli-post": "brats-gli"}
 CASE_NAME = re.compile(r"^BraTS-(MEN-RT|GLI|SSA|PED|MEN|MET)-")
+
+
+def channel_names(convention):
+    """The input channels' file names of a dataset in `convention` (a convention's name): BraTS
+    2019–2021's (also MSD Task01's, read onto them), MEN-RT's single T1c, else BraTS 2023+'s."""
+    if convention in ("brats2021", "msd-brain"):
+        return BRATS2021_CHANNELS
+    return ("t1c",) if convention == "brats-men-rt" else BRATS2023_CHANNELS
+
+
 # MSD modality names (lower case) -> the tool's channel index.
 MSD_CHANNELS = {"t1w": 0, "t1": 0, "t1gd": 1, "t1ce": 1, "t1c": 1, "t2w": 2, "t2": 2, "flair": 3,
                 "t2f": 3}

@@ -13,9 +13,10 @@ import warnings
 
 from common.errors import UserError
 from common.version import VERSION
-from dataset.brats_nifti import CLIP_FRACTION, MODALITIES
+from dataset.brats_nifti import CLIP_FRACTION
 from dataset.conventions import CONVENTIONS, DEFAULT_CONVENTION
 from dataset.device_transform import ZSCORE_EPS
+from dataset.layouts import channel_names
 from dataset.windows import MAX_CROP, MULTIPLE
 from loops.window_layout import MIN_IMPORTANCE, SIGMA_SCALE
 
@@ -80,7 +81,7 @@ def describe(network, trained, step, inference):
         channels = network["in_channels"]
         body["input"] = {"name": INPUT_NAME, "dtype": "float32", "layout": "NDHWC",
                          "shape": [None, None, None, None, channels],
-                         "channels": list(MODALITIES[:channels]),
+                         "channels": list(channel_names(network.get("convention", DEFAULT_CONVENTION))),
                          "spatial_multiple": MULTIPLE}
         body["preprocessing"] = {
             "read": "nibabel get_fdata, cast to int16, axes 0 and 1 swapped",
