@@ -43,14 +43,15 @@ def hyperparameters(settings, machine):
     return values
 
 
-def saved_fields(settings, machine, data):
-    """(network, run) sections of the run's settings.json (common/run_record.py)."""
+def saved_fields(settings, machine, task, data):
+    """(network, run) sections of the run's settings.json (common/run_record.py); the run section
+    names the optimizer, its ε and its update rule."""
     network = settings.network_fields()
     if settings.run.model == "vnet":
         network["n_classes"] = data.n_classes
     used = {"dtype": machine.dtype, "batch_size": settings.data.batch_size,
             "backend": machine.backend, "seed": machine.seed, "loss": settings.network.loss,
-            "devices": machine.cluster.num_replicas}
+            "devices": machine.cluster.num_replicas, **task.optimizer_record()}
     return network, used
 
 
@@ -145,6 +146,12 @@ def start_step_for_training(settings, machine, model, optimizer):
         return 0
     print(f"resuming from {found[1] if found else 'the checkpoint of process 0'} at step {step}",
           flush=True)
+    if found is not None:
+        from model.optimizers import UPDATE_RULE
+        former = run_record.former_update_rule(machine.model_dir, UPDATE_RULE)
+        if former is not None:
+            print(f"{machine.model_dir}: its optimizer state came from {former}; training goes on "
+                  f"with the references' ({UPDATE_RULE}) update rule", flush=True)
     return step
 
 
@@ -208,7 +215,7 @@ def run(settings):
         save_fn = None
         if (run_settings.trains and machine.writes and not run_settings.benchmark
                 and not run_settings.disable_ckpt_saving):
-            network, used = saved_fields(settings, machine, data)
+            network, used = saved_fields(settings, machine, task, data)
 
             def save_fn(step):
                 engine.commit()
