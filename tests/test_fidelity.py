@@ -12,7 +12,7 @@ import pytest
 from common import run_record
 from common.settings import DataSettings, UNet3DSettings, VNetSettings
 from loops import checkpoint
-from tests.conftest import main_here, phantom_records
+from tests.conftest import ROOT, main_here, phantom_records
 from model.layers import make_normalization
 from model.losses import ce_loss
 from model.optimizers import UPDATE_RULE, make_optimizer
@@ -258,3 +258,45 @@ def test_settings_keep_the_optimizer_and_a_former_model_dir_resumes_with_a_notic
     assert notice.startswith(f"{model_dir}: its optimizer state came from the tool's former update rule")
     os.remove(record)  # older still: no settings.json at all
     assert "former update rule" in run_record.former_update_rule(str(model_dir), UPDATE_RULE)
+
+
+JAX_STEPS = """
+import sys
+import jax
+jax.config.update("jax_enable_x64", True)
+import keras, numpy as np
+from model.optimizers import make_optimizer
+data = np.load(sys.argv[1])
+n = int(data["n"])
+variables = [keras.Variable(data[f"w{i}"]) for i in range(n)]
+out = {}
+for name, momentum in (("adam", 0.0), ("rmsprop", 0.9)):
+    optimizer = make_optimizer(name, float(data["lr"]), momentum=momentum)
+    optimizer.build(variables)
+    weights, state = [v.value for v in variables], [v.value for v in optimizer.variables]
+    step = jax.jit(optimizer.stateless_apply)  # as engines/jax_engine.py applies it
+    for t in range(3):
+        weights, state = step(state, [data[f"g{t}_{i}"] for i in range(n)], weights)
+    out.update({f"{name}{i}": np.asarray(w) for i, w in enumerate(weights)})
+np.savez(sys.argv[2], **out)
+"""
+
+
+def test_the_optimizers_compute_the_same_on_jax(tmp_path):
+    import subprocess
+    import sys
+    model = small_model()
+    start = [np.array(v.numpy()) for v in model.trainable_variables]
+    grads = gradients(model, 1.0)
+    np.savez(tmp_path / "in.npz", n=len(start), lr=LR, **{f"w{i}": w for i, w in enumerate(start)},
+             **{f"g{t}_{i}": g for t, step in enumerate(grads) for i, g in enumerate(step)})
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", JAX_STEPS, str(tmp_path / "in.npz"),
+                             str(tmp_path / "out.npz")], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with np.load(tmp_path / "out.npz") as out:
+        for name, rule in (("adam", tf1_adam(LR)), ("rmsprop", tf1_centered_rmsprop(LR, 0.9))):
+            want = reference_steps(rule)[-1]
+            for i, (w, w0) in enumerate(zip(want, start)):
+                np.testing.assert_allclose(out[f"{name}{i}"] - w0, w - w0, rtol=1e-6, atol=0)
