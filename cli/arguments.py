@@ -8,7 +8,7 @@ import argparse
 import os
 
 from common.run_record import saved_network
-from common.settings import EXEC_MODES, MODELS, FlagError, resolve
+from common.settings import EXEC_MODES, GRADIENT_CLIPPING, MODELS, FlagError, resolve
 
 
 def positive_int(text):
@@ -186,9 +186,12 @@ def _add_vnet_flags(parser):
     group.add_argument("--train_epochs", type=positive_int, default=None,
                        help="passes over the training cases (default: 1)")
     group.add_argument("--optimizer", choices=("rmsprop", "adam", "sgd"), default=None,
-                       help="optimizer (default: rmsprop, centered)")
-    group.add_argument("--gradient_clipping", choices=("global_norm", "none"), default=None,
-                       help="clip gradients to a global norm of 1.0 (default: global_norm)")
+                       help="optimizer, with TensorFlow 1's update rules (default: rmsprop, "
+                            "centered, as the reference)")
+    group.add_argument("--gradient_clipping", choices=GRADIENT_CLIPPING, default=None,
+                       help="global_norm (default) and none apply unclipped gradients, as the "
+                            "reference trained (it clipped a copy it never applied); "
+                            "applied_global_norm clips the applied gradients to a global norm of 1.0")
     group.add_argument("--base_lr", type=positive_float, default=None,
                        help="learning rate (default: 0.0001)")
     group.add_argument("--momentum", type=float, default=None, help="optimizer momentum (default: 0.0)")

@@ -51,6 +51,18 @@ def read(model_dir):
     return body
 
 
+def former_update_rule(model_dir, rule):
+    """None when model_dir's saved run names the optimizer update rule `rule`; else a phrase for
+    the rule its optimizer state came from (the tool's former one where it names none)."""
+    body = read(model_dir)
+    saved = body.get("run", {}).get("update_rule") if body is not None else None
+    if saved == rule:
+        return None
+    if saved is None:
+        return "the tool's former update rule (Keras' optimizers, ε 1e-7, RMSprop's mean square from 0)"
+    return f"the update rule {saved!r}"
+
+
 def saved_network(model_dirs, has_checkpoint):
     """(model_dir, network fields) that bind this run, or None.
 

@@ -20,6 +20,9 @@ TRAINS = ("train", "train_and_evaluate", "train_and_predict")
 EVALUATES = ("evaluate", "train_and_evaluate")
 PREDICTS = ("predict", "train_and_predict")
 MODELS = ("unet3d", "vnet")
+# V-Net's --gradient_clipping: the reference's global_norm clips a copy of the gradients that it
+# never applies, so global_norm and none train unclipped; applied_global_norm clips what is applied.
+GRADIENT_CLIPPING = ("global_norm", "none", "applied_global_norm")
 
 
 class FlagError(ValueError):

@@ -163,11 +163,12 @@ def make_normalization(kind, name=None, instance_norm=None):
 
     `instance_norm` replaces this module's InstanceNormalization (Habana's fused layer on HPU).
     Group and batch normalization run in float32 (their statistics too) under a mixed policy.
+    Group normalization keeps the reference's ε, Keras' default of 1e-3.
     """
     if kind == "instancenorm":
         return (instance_norm or InstanceNormalization)(epsilon=1e-6, name=name)
     if kind == "groupnorm":
-        return keras.layers.GroupNormalization(groups=16, epsilon=1e-6, name=name, dtype="float32")
+        return keras.layers.GroupNormalization(groups=16, epsilon=1e-3, name=name, dtype="float32")
     if kind == "batchnorm":
         return keras.layers.BatchNormalization(name=name, dtype="float32")
     if kind == "none":

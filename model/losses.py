@@ -8,7 +8,7 @@ from keras import ops
 from model.layers import at_least_float32
 
 DICE_EPS = 1e-5
-CE_CLIP = 1e-7
+CE_EPS = 1e-7
 TUMOUR_CLASSES = {1: "TumorCore", 2: "PeritumoralEdema", 3: "EnhancingTumor"}
 
 
@@ -37,13 +37,12 @@ def dice_loss(y, p, include_background=False):
 
 
 def ce_loss(y, p, include_background=False):
-    """Σ over classes of the binary cross-entropy averaged over batch and space, p clipped."""
+    """Σ over classes of the binary cross-entropy averaged over batch and space, as Keras 2's
+    `binary_crossentropy` (the reference's) computes it: p clipped to [ε, 1 − ε], then
+    −(y·log(p + ε) + (1 − y)·log(1 − p + ε)), ε = 1e-7."""
     y, p = _select(at_least_float32(y), at_least_float32(p), include_background)
-    # Clipping 1 − p rather than p is the same formula, but keeps log(1e-7) exact in float32,
-    # where 1 − 1e-7 would round to 1 − 1.19e-7.
-    log_p = ops.log(ops.clip(p, CE_CLIP, 1.0 - CE_CLIP))
-    log_not_p = ops.log(ops.clip(1.0 - p, CE_CLIP, 1.0 - CE_CLIP))
-    bce = -(y * log_p + (1.0 - y) * log_not_p)
+    p = ops.clip(p, CE_EPS, 1.0 - CE_EPS)
+    bce = -(y * ops.log(p + CE_EPS) + (1.0 - y) * ops.log(1.0 - p + CE_EPS))
     return ops.sum(ops.mean(bce, axis=tuple(range(len(bce.shape) - 1))))
 
 

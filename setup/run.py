@@ -50,14 +50,15 @@ def hyperparameters(settings, machine):
     return values
 
 
-def saved_fields(settings, machine, data):
-    """(network, run) sections of the run's settings.json (common/run_record.py)."""
+def saved_fields(settings, machine, task, data):
+    """(network, run) sections of the run's settings.json (common/run_record.py); the run section
+    names the optimizer, its ε and its update rule."""
     network = settings.network_fields()
     if settings.run.model == "vnet":
         network["n_classes"] = data.n_classes
     used = {"dtype": machine.dtype, "batch_size": settings.data.batch_size,
             "backend": machine.backend, "seed": machine.seed, "loss": settings.network.loss,
-            "devices": machine.cluster.num_replicas}
+            "devices": machine.cluster.num_replicas, **task.optimizer_record()}
     return network, used
 
 
@@ -154,6 +155,12 @@ def start_step_for_training(settings, machine, model, optimizer):
         return 0
     print(f"resuming from {found[1] if found else 'the checkpoint of process 0'} at step {step}",
           flush=True)
+    if found is not None:
+        from model.optimizers import UPDATE_RULE
+        former = run_record.former_update_rule(machine.model_dir, UPDATE_RULE)
+        if former is not None:
+            print(f"{machine.model_dir}: its optimizer state came from {former}; training goes on "
+                  f"with the references' ({UPDATE_RULE}) update rule", flush=True)
     return step
 
 
@@ -191,14 +198,14 @@ def build(settings, machine, task, data):
     return model, optimizer, engine
 
 
-def make_save_fn(settings, machine, data, engine, model, optimizer):
+def make_save_fn(settings, machine, task, data, engine, model, optimizer):
     """`save(step)`: the run's settings.json and a checkpoint into model_dir; None where this
     worker writes no checkpoints (another worker's run, benchmarks, --disable_ckpt_saving)."""
     run_settings = settings.run
     if (not run_settings.trains or not machine.writes or run_settings.benchmark
             or run_settings.disable_ckpt_saving):
         return None
-    network, used = saved_fields(settings, machine, data)
+    network, used = saved_fields(settings, machine, task, data)
 
     def save(step):
         engine.commit()
@@ -295,7 +302,7 @@ def run(settings):
                          need_test=run_settings.predicts)
         model, optimizer, engine = build(settings, machine, task, data)
 
-        save_fn = make_save_fn(settings, machine, data, engine, model, optimizer)
+        save_fn = make_save_fn(settings, machine, task, data, engine, model, optimizer)
         global_batch = settings.data.batch_size * cluster.num_replicas
         hooks = make_hooks(settings, machine, logger, save_fn, global_batch, engine)
         trainer = Trainer(engine, hooks, run_settings.log_every, sync_every_step=run_settings.benchmark,

@@ -52,9 +52,14 @@ class UNet3DTask(Task):
                             conv_implementation=conv_implementation)
 
     def optimizer(self):
-        """Adam(learning_rate)."""
-        import keras
-        return keras.optimizers.Adam(self.net.learning_rate)
+        """TF1's Adam at learning_rate (ε 1e-8), as the reference."""
+        from model.optimizers import make_optimizer
+        return make_optimizer("adam", self.net.learning_rate)
+
+    def optimizer_record(self):
+        """The optimizer's name, ε and update rule, for the saved run settings."""
+        from model.optimizers import optimizer_record
+        return optimizer_record("adam")
 
     def convention(self):
         """The LabelConvention of the network's classes."""

@@ -33,16 +33,22 @@ class VNetTask(Task):
                           instance_norm=self.instance_norm)
 
     def optimizer(self):
-        """Centered RMSprop (or Adam, SGD) at base_lr, gradients clipped to a global norm of 1."""
-        import keras
+        """TF1's centered RMSProp (or Adam, SGD) at base_lr.
+
+        The reference's `--gradient_clipping global_norm` clips a copy of the gradients that its
+        `minimize` call never applies, so `global_norm` (the default) and `none` apply the
+        gradients unclipped, as the reference trained; `applied_global_norm` clips the applied
+        gradients to a global norm of 1, as the reference meant to.
+        """
+        from model.optimizers import make_optimizer
         net = self.net
-        clip = 1.0 if net.gradient_clipping == "global_norm" else None
-        if net.optimizer == "rmsprop":
-            return keras.optimizers.RMSprop(net.base_lr, momentum=net.momentum, centered=True,
-                                            global_clipnorm=clip)
-        if net.optimizer == "adam":
-            return keras.optimizers.Adam(net.base_lr, global_clipnorm=clip)
-        return keras.optimizers.SGD(net.base_lr, momentum=net.momentum, global_clipnorm=clip)
+        clip = 1.0 if net.gradient_clipping == "applied_global_norm" else None
+        return make_optimizer(net.optimizer, net.base_lr, momentum=net.momentum, global_clipnorm=clip)
+
+    def optimizer_record(self):
+        """The optimizer's name, ε and update rule, for the saved run settings."""
+        from model.optimizers import optimizer_record
+        return optimizer_record(self.net.optimizer)
 
     def loss_and_metrics(self, data):
         """(the dice loss over every class, soft and hard dice per label)."""

@@ -1,4 +1,6 @@
-"""5-cross-validation.sh on phantom records: five folds, the table, re-runs and failures."""
+"""5-cross-validation.sh on phantom records: five folds, the table, re-runs and failures, and
+WORKERS processes a fold under mpirun."""
+import json
 import os
 import subprocess
 import sys
@@ -16,8 +18,8 @@ def records(tmp_path_factory):
     return phantom_records(str(tmp_path_factory.mktemp("cv")), 5, (40, 40, 36), seed=8)
 
 
-def run_script(records, results, *extra):
-    env = {**os.environ, "PYTHON": sys.executable}
+def run_script(records, results, *extra, env=None):
+    env = {**os.environ, "PYTHON": sys.executable, **(env or {})}
     return subprocess.run(["bash", SCRIPT, records, str(results), "1", "fp32", "--max_steps", "1",
                            "--seed", "0", "--log_every", "1", *extra],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -47,3 +49,30 @@ def test_folds_stop_on_failure_resume_and_skip_what_is_done(records, tmp_path):
     assert again.returncode == 0
     assert again.stdout.count("already evaluated, skipped") == 5
     assert again.stdout.strip().splitlines()[-7:] == rows == table(str(results)).splitlines()
+
+
+@pytest.mark.xdist_group("processes")  # two processes a fold: not beside another launch of several
+def test_workers_run_each_fold_under_mpirun(records, tmp_path):
+    results = tmp_path / "results"
+    env = {"WORKERS": "2", "MPIRUN_ARGS": "--oversubscribe", "OMPI_ALLOW_RUN_AS_ROOT": "1",
+           "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    # Two folds of 2 steps: each of the 2 workers takes 1 (--max_steps is divided among them).
+    result = run_script(records, results, "--num_folds", "2", "--max_steps", "2", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("(2 worker(s))") == 2
+    for fold in (0, 1):
+        with open(results / f"fold_{fold}" / "settings.json") as handle:
+            assert json.load(handle)["run"]["devices"] == 2  # one device in each of 2 processes
+        steps = [e["step"] for e in map(json.loads, open(results / f"fold_{fold}" / "log.json"))
+                 if e["type"] == "train"]
+        assert steps == [1]
+    rows = result.stdout.strip().splitlines()[-4:]
+    assert [r.split()[0] for r in rows] == ["fold", "0", "1", "mean"]
+    assert rows == table(str(results), folds=2).splitlines()
+    assert not os.path.exists(results / "fold_2")
+
+
+def test_bad_worker_count_is_one_line(records, tmp_path):
+    result = run_script(records, tmp_path / "results", env={"WORKERS": "two"})
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "WORKERS must be a positive integer, got 'two'" in result.stderr

@@ -19,8 +19,10 @@ def np_losses(y, p, include_background):
     if not include_background:
         y, p = y[..., 1:], p[..., 1:]
     dice = np.sum(1 - np_dice(y, p).mean(axis=0))
-    pc = np.clip(p, 1e-7, 1 - 1e-7)
-    ce = np.sum((-(y * np.log(pc) + (1 - y) * np.log(1 - pc))).mean(axis=(0, 1, 2, 3)))
+    # Keras 2's binary_crossentropy: clip to [ε, 1 − ε] in the input's float32, then log(p + ε).
+    eps32 = np.float32(1e-7)
+    pc = np.clip(p.astype(np.float32), eps32, np.float32(1) - eps32).astype(np.float64)
+    ce = np.sum((-(y * np.log(pc + 1e-7) + (1 - y) * np.log(1 - pc + 1e-7))).mean(axis=(0, 1, 2, 3)))
     return {"dice": dice, "ce": ce, "dice+ce": dice + ce}
 
 

@@ -44,7 +44,7 @@ def test_normalization_statistics_run_in_float32_under_bf16(bf16_policy, kind):
     xs = x.astype(np.float64)
     if kind == "groupnorm":  # 16 groups of 2 channels
         g = xs.reshape(2, 4, 4, 4, 16, 2)
-        ref = ((g - g.mean((1, 2, 3, 5), keepdims=True)) / np.sqrt(g.var((1, 2, 3, 5), keepdims=True) + 1e-6))
+        ref = ((g - g.mean((1, 2, 3, 5), keepdims=True)) / np.sqrt(g.var((1, 2, 3, 5), keepdims=True) + 1e-3))
         ref = ref.reshape(xs.shape)
     else:
         eps = 1e-6 if kind == "instancenorm" else layer.epsilon
