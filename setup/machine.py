@@ -89,8 +89,6 @@ def _import_tensorflow(settings):
 
 def resolve_machine(settings):
     """Set the machine up for `settings` and describe it (see the module's docstring)."""
-    import keras
-
     from setup.cluster import make_cluster
     from setup.hpu import check_bf16_config, setup_hpu
     from setup.precision import Device, choose_dtype, keras_policy, local_device
@@ -98,7 +96,8 @@ def resolve_machine(settings):
     if precision.bf16_config_explicit:
         check_bf16_config(precision.bf16_config_path)
     hpu = setup_hpu(precision, run.tf_verbosity) if precision.backend == "tensorflow" else None
-    tf = _import_tensorflow(settings)
+    tf = _import_tensorflow(settings)  # quietly, before Keras imports it
+    import keras
     seed_everything(settings.data.seed, precision.backend, tf)
     if precision.backend == "jax":
         use_xla = True
