@@ -12,7 +12,7 @@ import pytest
 from main import main
 from loops import checkpoint
 from loops.hooks import benchmark_stats
-from tests.conftest import ROOT, assert_one_line_error, main_here, unet3d_flags
+from tests.conftest import ROOT, assert_one_line_error, main_here, run_cli, unet3d_flags
 
 METRICS = {"TumorCore", "PeritumoralEdema", "EnhancingTumor", "MeanDice", "WholeTumor"}
 # The tests that use the shared trained run (conftest's unet3d_run) run on one xdist worker.
@@ -151,7 +151,8 @@ def test_sigkill_while_saving_resumes_from_the_last_whole_checkpoint(records, tm
 
 
 def test_bad_input_gives_one_line_errors(records, tmp_path, capsys):
-    # In this process: main() is what the command line calls, and its return value the exit code.
+    # In this process (main() is what the command line calls); the "one" case runs the real
+    # command, to see its exit code and its whole stderr (TensorFlow's own lines too) as a user does.
     empty = tmp_path / "empty"
     empty.mkdir()
     assert_one_line_error(main_here(capsys, *flags(str(empty), tmp_path, "--exec_mode", "train")), str(empty))
@@ -181,8 +182,8 @@ def test_bad_input_gives_one_line_errors(records, tmp_path, capsys):
     one.mkdir()
     first = sorted(os.listdir(records))[0]
     (one / first).write_bytes(open(os.path.join(records, first), "rb").read())
-    result = main_here(capsys, "--data_dir", str(one), "--model_dir", str(tmp_path / "one_run"), "--log_dir",
-                       str(tmp_path / "one_logs"), "-d", "fp32", "--exec_mode", "train_and_evaluate")
+    result = run_cli("--data_dir", str(one), "--model_dir", str(tmp_path / "one_run"), "--log_dir",
+                     str(tmp_path / "one_logs"), "-d", "fp32", "--exec_mode", "train_and_evaluate")
     assert result.returncode == 1
     assert_one_line_error(result, "--num_folds 5: only 1 record files for 5 folds, so fold 0 leaves "
                                   "no training files")
