@@ -1,4 +1,18 @@
-"""Shared test setup: the project root on sys.path, quiet TensorFlow, the Keras backend."""
+"""Shared test setup: the project root on sys.path, quiet TensorFlow, the Keras backend, helpers to
+run the tool, and the tiny phantom data and runs that several test files share.
+
+The suite must stay well under 10 minutes on 2 cores (`pytest -n 2 --dist loadgroup`). A new test
+earns its seconds:
+- reuse the session fixtures below instead of writing and training your own: a phantom BraTS set
+  (`unet3d_records`), a UNet3D trained on it (`unet3d_run`), an MSD hippocampus phantom
+  (`msd_phantom`), records of one volume (`same_volume_records`);
+- run the tool in this process (`main_here`, or `main.main`) unless the test is about the process
+  itself (exit on a signal, several processes): a subprocess imports TensorFlow again;
+- tiny volumes (32³), 1-4 steps, float64 only where float32 cannot tell the answer.
+Session fixtures are made once per xdist worker. Tests that launch several processes carry
+`pytest.mark.xdist_group("processes")` (one worker runs them in turn); tests that use
+`unet3d_run` carry `pytest.mark.xdist_group("unet3d_run")`, so that it is trained once.
+"""
 import os
 import shutil
 import socket
@@ -25,19 +39,26 @@ def phantom_records(root, cases, shape, seed):
 
 def run_cli(*argv, timeout=300, env=None):
     """main.py with `argv` in a subprocess (environment `env`, default this one's); the
-    CompletedProcess, output captured as text."""
+    CompletedProcess, output captured as text. Only for what needs its own process (another
+    backend or environment, signals); otherwise `main_here`."""
     import subprocess
     return subprocess.run([sys.executable, "main.py", *argv], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 
-def main_here(capsys, *argv):
+def main_here(capsys, *argv, main=None):
     """main.py's main() with `argv` in this process (faster than a subprocess: TensorFlow is
-    already imported); a CompletedProcess of its exit code and captured output, as run_cli's."""
+    already imported); a CompletedProcess of its exit code and captured output, as run_cli's.
+    An argparse exit (a flag error, --help) gives its SystemExit code. `main`: another tool's
+    main(argv) (default main.py's)."""
     import subprocess
-    from main import main
+    if main is None:
+        from main import main
     capsys.readouterr()
-    code = main(list(argv))
+    try:
+        code = main(list(argv))
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     captured = capsys.readouterr()
     return subprocess.CompletedProcess(["main.py", *argv], code, captured.out, captured.err)
 
@@ -48,6 +69,63 @@ def assert_one_line_error(result, text):
     assert "Traceback" not in result.stderr, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and text in lines[0], result.stderr
+
+
+def unet3d_flags(records, out, *extra):
+    """UNet3D's command line on `records` into out/model and out/logs: batch 2, fp32, 3 folds,
+    seed 3, a log line every step; `extra` flags last."""
+    return ["--data_dir", str(records), "--model_dir", str(out / "model"), "--log_dir", str(out / "logs"),
+            "--batch_size", "2", "-d", "fp32", "--num_folds", "3", "--seed", "3", "--log_every", "1",
+            *extra]
+
+
+@pytest.fixture(scope="session")
+def unet3d_records(tmp_path_factory):
+    """Six phantom BraTS cases of 32³ as TFRecords, one volume a file (seed 5): with 3 folds,
+    4 training and 2 validation files; the crop and the evaluation window are the whole volume.
+    Read only: copy it before changing a file."""
+    return phantom_records(str(tmp_path_factory.mktemp("unet3d_records")), 6, (32, 32, 32), seed=5)
+
+
+@pytest.fixture(scope="session")
+def unet3d_run(unet3d_records, tmp_path_factory):
+    """The folder of a UNet3D trained for 4 steps on `unet3d_records` with `unet3d_flags`
+    (`--exec_mode train --max_steps 4`): its checkpoint of step 4 and settings.json in
+    <folder>/model, its log in <folder>/logs/log.json. Evaluate or predict on it freely (predict
+    adds masks to model/, or use --output_dir); train only into another folder. Mark a test that
+    uses it `pytest.mark.xdist_group("unet3d_run")`, so that one xdist worker trains it once."""
+    from main import main
+    out = tmp_path_factory.mktemp("unet3d_run")
+    assert main(unet3d_flags(unet3d_records, out, "--exec_mode", "train", "--max_steps", "4")) == 0
+    return out
+
+
+MSD_SPACING = (0.8, 1.3, 2.1)
+MSD_DIRECTION = (0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+
+
+@pytest.fixture(scope="session")
+def msd_phantom(tmp_path_factory):
+    """A phantom MSD hippocampus task: 10 training cases (hippocampus_000-009), 3 test cases
+    (010-012), voxels of MSD_SPACING with the axes turned by MSD_DIRECTION (seed 1). The first
+    training image is 4-D, two volumes of which the last is the one to keep. Read only: copy it
+    (shutil.copytree) before changing a file."""
+    import numpy as np
+    import SimpleITK as sitk
+    from dataset.phantom_msd import write_msd_phantom
+    root = str(tmp_path_factory.mktemp("msd"))
+    write_msd_phantom(root, 10, 3, seed=1, spacing=MSD_SPACING, direction=MSD_DIRECTION)
+    path = os.path.join(root, "imagesTr", "hippocampus_000.nii.gz")
+    image = sitk.ReadImage(path)
+    array = sitk.GetArrayFromImage(image)
+    four = sitk.GetImageFromArray(np.stack([np.zeros_like(array), array]), isVector=False)
+    four.SetSpacing(MSD_SPACING + (1.0,))
+    four.SetOrigin(image.GetOrigin() + (0.0,))
+    direction4 = np.eye(4)
+    direction4[:3, :3] = np.reshape(MSD_DIRECTION, (3, 3))
+    four.SetDirection(direction4.ravel().tolist())
+    sitk.WriteImage(four, path)
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,8 @@
 """The command line of SPEC §1.1: every flag, its default, and one-line errors."""
-import subprocess
-import sys
-
 import pytest
 
 from cli.arguments import parse_args
-from tests.conftest import ROOT
+from tests.conftest import main_here
 
 SPEC_FLAGS = ["--exec_mode", "--model_dir", "--log_dir", "--data_dir", "--batch_size", "--dtype",
               "--bf16_config_path", "--fold", "--num_folds", "--max_steps", "--seed", "--log_every",
@@ -17,13 +14,8 @@ SPEC_FLAGS = ["--exec_mode", "--model_dir", "--log_dir", "--data_dir", "--batch_
 HIDDEN = ["--num_workers_per_hls", "--hls_type", "--kubernetes_run"]
 
 
-def run_main(*argv):
-    return subprocess.run([sys.executable, "main.py", *argv], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
-
-
-def test_help_lists_every_flag():
-    out = run_main("--help")
+def test_help_lists_every_flag(capsys):
+    out = main_here(capsys, "--help")
     assert out.returncode == 0
     for flag in SPEC_FLAGS:
         assert flag in out.stdout, flag
@@ -78,8 +70,8 @@ def test_settings_are_frozen():
     (["--backend", "jax", "--coordinator_address", "h:1", "--num_processes", "2", "--process_id", "2"],
      "--process_id"),
 ])
-def test_bad_flags_give_one_line_errors(argv, flag):
-    out = run_main(*argv)
+def test_bad_flags_give_one_line_errors(argv, flag, capsys):
+    out = main_here(capsys, *argv)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr

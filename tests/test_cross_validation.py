@@ -8,14 +8,15 @@ import sys
 import pytest
 
 from cli.parse_results import METRICS, table
-from tests.conftest import ROOT, phantom_records
+from tests.conftest import ROOT
 
 SCRIPT = os.path.join(ROOT, "5-cross-validation.sh")
 
 
 @pytest.fixture(scope="module")
-def records(tmp_path_factory):
-    return phantom_records(str(tmp_path_factory.mktemp("cv")), 5, (40, 40, 36), seed=8)
+def records(unet3d_records):
+    """conftest's six phantom record files: five folds of 2, 1, 1, 1 and 1 validation files."""
+    return unet3d_records
 
 
 def run_script(records, results, *extra, env=None):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from loops import checkpoint
-from tests.conftest import ROOT, free_ports
+from main import main
+from tests.conftest import ROOT, assert_one_line_error, free_ports, main_here
 
 # The tests that launch several processes run on one test worker (pytest -n 2 --dist loadgroup), one
 # after another: their reference runs (session fixtures) are then made once, and two launches of
@@ -18,6 +19,7 @@ from tests.conftest import ROOT, free_ports
 pytestmark = pytest.mark.xdist_group("processes")
 
 MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
+STEPS = 2  # steps of each worker, and of the single worker of batch 2
 
 
 def train_flags(records, out, batch, steps, *extra):
@@ -27,7 +29,7 @@ def train_flags(records, out, batch, steps, *extra):
             "--max_steps", str(steps), *extra]
 
 
-def launch_tf_config(records, out, n=2, steps=6, extra=()):
+def launch_tf_config(records, out, n=2, steps=2 * STEPS, extra=()):
     ports = free_ports(n)
     procs = []
     for index in range(n):
@@ -48,35 +50,33 @@ def weights(model_dir):
 
 @pytest.fixture(scope="session")
 def single_worker(same_volume_records, tmp_path_factory):
-    """(step, weights) of one worker after 3 steps of batch 2."""
+    """(step, weights) of one worker after STEPS steps of batch 2 (in this process)."""
     single = tmp_path_factory.mktemp("single")
-    result = subprocess.run([sys.executable, *train_flags(same_volume_records, single, 2, 3)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
+    assert main(train_flags(same_volume_records, single, 2, STEPS)[1:]) == 0
     return weights(str(single / "model"))
 
 
 def assert_matches_single_worker(single_worker, out):
     step0, w0 = weights(str(out / "model" / "worker_0"))
     step1, w1 = weights(str(out / "model" / "worker_1"))
-    assert step0 == step1 == 3  # max_steps 6 divided among 2 workers
+    assert step0 == step1 == STEPS  # max_steps 2 * STEPS divided among 2 workers
     for a, b in zip(w0, w1):  # the replicas are mirrored: bit for bit the same
         np.testing.assert_array_equal(a, b)
     step, ws = single_worker
-    assert step == 3
+    assert step == STEPS
     # Same batches and the same mean gradient: only the order of float32 sums differs (the
     # all-reduce adds two half-batch gradients, the single worker sums one batch of two), which
     # changes a gradient by ~1e-7 of its size. Adam divides each gradient by its own running size,
     # so for a weight whose gradient is near 0 that rounding can turn the step around: Adam moves a
     # weight by about one learning rate (2e-4) a step at most, so two runs can part by twice that a
-    # step, 1.2e-3 after 3 steps (CI saw 1.1e-4 on 4 of 1.8 million weights). That is the bound for
+    # step, 8e-4 after 2 steps (CI saw 1.1e-4 after 3 on 4 of 1.8 million weights). That is the bound for
     # any one weight. For the network as a whole (weights and Adam's slots) the mean difference
     # stays far below a step: 6.9e-7 seen on a loaded 2-core machine. Adam moves most weights by
     # close to the learning rate each step, so a worker that trained on other batches or skipped
     # the all-reduce would part them by far more than 1e-5 on average.
     diffs = []
     for a, b in zip(ws, w0):
-        np.testing.assert_allclose(a, b, rtol=0, atol=2 * 2e-4 * 3)
+        np.testing.assert_allclose(a, b, rtol=0, atol=2 * 2e-4 * STEPS)
         diffs.append(np.abs(a - b).ravel())
     assert np.concatenate(diffs).mean() < 1e-5
 
@@ -88,7 +88,7 @@ def test_two_workers_with_tf_config(same_volume_records, single_worker, tmp_path
         stdout, stderr = proc.communicate(timeout=600)
         assert proc.returncode == 0, stderr
     logs = [json.loads(line) for line in open(out / "logs" / "worker_0" / "log.json")]
-    assert [e["step"] for e in logs if e["type"] == "train"] == [1, 2, 3]
+    assert [e["step"] for e in logs if e["type"] == "train"] == list(range(1, STEPS + 1))
     assert_matches_single_worker(single_worker, out)
 
 
@@ -97,7 +97,7 @@ def test_two_workers_with_mpirun(same_volume_records, single_worker, tmp_path):
     env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
     env.pop("TF_CONFIG", None)
     result = subprocess.run([MPIRUN, "-np", "2", "--oversubscribe", sys.executable,
-                             *train_flags(same_volume_records, out, 1, 6, "--log_all_workers")],
+                             *train_flags(same_volume_records, out, 1, 2 * STEPS, "--log_all_workers")],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_matches_single_worker(single_worker, out)
@@ -155,25 +155,32 @@ def allreduce(tensor):
 '''
 
 
-def test_use_horovod_without_horovod_names_the_alternative(same_volume_records, tmp_path):
-    result = subprocess.run([sys.executable, *train_flags(same_volume_records, tmp_path, 1, 1),
-                             "--use_horovod"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def test_use_horovod_without_horovod_names_the_alternative(same_volume_records, tmp_path, capsys):
+    result = main_here(capsys, *train_flags(same_volume_records, tmp_path, 1, 1)[1:], "--use_horovod")
     assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Horovod is not installed" in lines[0] and "tf.distribute" in lines[0]
+    assert_one_line_error(result, "Horovod is not installed")
+    assert "tf.distribute" in result.stderr
 
 
-def test_horovod_wiring_with_a_stand_in(same_volume_records, tmp_path):
+@pytest.fixture
+def horovod_standin(tmp_path, monkeypatch):
+    """The stand-in package importable as horovod.tensorflow in this process, and its call log."""
     package = tmp_path / "standin" / "horovod"
     (package / "tensorflow").mkdir(parents=True)
     (package / "__init__.py").write_text("")
     (package / "tensorflow" / "__init__.py").write_text(HOROVOD_STANDIN)
     log = tmp_path / "calls.jsonl"
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "standin"), "HOROVOD_STANDIN_LOG": str(log)}
+    monkeypatch.syspath_prepend(str(tmp_path / "standin"))
+    monkeypatch.setenv("HOROVOD_STANDIN_LOG", str(log))
+    yield log
+    for name in [m for m in sys.modules if m == "horovod" or m.startswith("horovod.")]:
+        del sys.modules[name]
+
+
+def test_horovod_wiring_with_a_stand_in(same_volume_records, horovod_standin, tmp_path):
+    log = horovod_standin
     out = tmp_path / "hvd"
-    result = subprocess.run([sys.executable, *train_flags(same_volume_records, out, 1, 4), "--use_horovod"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    assert main(train_flags(same_volume_records, out, 1, 4)[1:] + ["--use_horovod"]) == 0
     calls = [json.loads(line) for line in open(log)]
     assert calls[0] == {"call": "init"}
     (broadcast,) = [c for c in calls if c["call"] == "broadcast_variables"]

@@ -1,6 +1,8 @@
 """The JAX backend on CPU: the same numbers as TensorFlow, a synthetic benchmark in a virtual
-environment without TensorFlow, the copy-ahead to the device and XLA's layout flag. (Training,
-evaluation and prediction on two devices and in two processes: test_jax_distributed.py.)"""
+environment without TensorFlow, the copy-ahead to the device, XLA's layout flag and TF_CONFIG
+refused. (Training, evaluation and prediction on two devices and in two processes:
+test_jax_distributed.py.)"""
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +17,7 @@ from model.losses import get_loss
 from model.unet3d import build_unet3d
 from engines.jax_engine import prefetch_to_device
 from setup.xla_flags import prefer_channels_last_convolutions
-from tests.conftest import ROOT
+from tests.conftest import ROOT, assert_one_line_error, run_cli
 
 JAX_ENV = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
 
@@ -146,3 +148,11 @@ def test_xla_is_asked_for_channels_last_convolutions_unless_the_user_chose_a_lay
     assert prefer_channels_last_convolutions(env) == "--xla_dump_to=/tmp/hlo --xla_gpu_force_conv_nhwc=true"
     for chosen in ("--xla_gpu_force_conv_nchw=true", "--xla_gpu_force_conv_nhwc=false"):
         assert prefer_channels_last_convolutions({"XLA_FLAGS": chosen}) == chosen
+
+
+def test_tf_config_with_the_jax_backend_is_a_one_line_error(tmp_path):
+    env = {**JAX_ENV, "TF_CONFIG": json.dumps({"cluster": {"worker": ["localhost:1", "localhost:2"]},
+                                               "task": {"type": "worker", "index": 0}})}
+    result = run_cli("--synth_data", "--exec_mode", "train", "--model_dir", str(tmp_path / "m"),
+                     "--log_dir", str(tmp_path / "l"), env=env, timeout=120)
+    assert_one_line_error(result, "TF_CONFIG is set")

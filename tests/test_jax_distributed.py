@@ -1,5 +1,6 @@
 """The JAX backend on several CPU devices: one process with two, and two processes on localhost
-(gloo collectives) under mpirun and with the coordinator flags, and a lost process."""
+(gloo collectives) under mpirun and with the coordinator flags, and a lost process. (TF_CONFIG
+with the JAX backend, one process: test_jax.py.)"""
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ import pytest
 
 from loops import checkpoint
 from setup.cluster import JAX_HEARTBEAT_TIMEOUT_S
-from tests.conftest import ROOT, assert_one_line_error, free_ports, run_cli
+from tests.conftest import ROOT, free_ports
 
 # The tests that launch several processes run on one test worker (pytest -n 2 --dist loadgroup), one
 # after another: their reference runs (session fixtures) are then made once, and two launches of
@@ -152,11 +153,3 @@ def test_coordinator_flags_a_killed_process_and_a_resume(same_volume_records, ja
     assert_same_as_two_devices(tmp_path, two_devices)
     assert [e["step"] for e in log_of(tmp_path, 0) if e["type"] == "train"][-2:] == [3, 4]
     assert [len([e for e in log_of(tmp_path, w) if e["type"] == "eval"]) for w in (0, 1)] == [1, 0]
-
-
-def test_tf_config_with_the_jax_backend_is_a_one_line_error(jax_env, tmp_path):
-    env = {**jax_env, "TF_CONFIG": json.dumps({"cluster": {"worker": ["localhost:1", "localhost:2"]},
-                                               "task": {"type": "worker", "index": 0}})}
-    result = run_cli("--synth_data", "--exec_mode", "train", "--model_dir", str(tmp_path / "m"),
-                     "--log_dir", str(tmp_path / "l"), env=env, timeout=120)
-    assert_one_line_error(result, "TF_CONFIG is set")

@@ -21,7 +21,7 @@ from cli.arguments import parse_args
 from setup.hpu import HPU_DEVICE, setup_hpu
 from setup.precision import Device, choose_dtype, cpu_flags
 from tasks.base import make_task
-from tests.conftest import assert_one_line_error, phantom_records, run_cli
+from tests.conftest import assert_one_line_error, main_here
 
 
 @pytest.fixture
@@ -66,8 +66,8 @@ def test_bf16_model_computes_convolutions_in_bf16_and_the_rest_in_float32(bf16_p
 
 
 @pytest.fixture(scope="module")
-def records(tmp_path_factory):
-    return phantom_records(str(tmp_path_factory.mktemp("phantom")), 3, (40, 40, 36), seed=5)
+def records(unet3d_records):
+    return unet3d_records
 
 
 def train_log(tmp_path, records, *extra):
@@ -91,7 +91,7 @@ def test_amp_trains_on_cpu(records, tmp_path):
 
 def test_dump_config_writes_hlo_and_a_trace(records, tmp_path):
     dump = tmp_path / "dump"
-    train_log(tmp_path, records, "-d", "fp32", "--max_steps", "5", "--dump_config", str(dump))
+    train_log(tmp_path, records, "-d", "fp32", "--max_steps", "2", "--dump_config", str(dump))
     hlo = (dump / "train_step.hlo.txt").read_text()
     assert "HloModule" in hlo and "ENTRY" in hlo
     assert os.path.getsize(dump / "train_step_graph.pbtxt") > 0
@@ -242,9 +242,12 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     assert cpu_flags(str(tmp_path / "missing")) == frozenset()
 
 
-def test_the_run_says_which_dtype_it_chose(records, tmp_path):
-    result = run_cli("--data_dir", records, "--num_folds", "3", "--exec_mode", "evaluate",
-                     "--model_dir", str(tmp_path / "m"), "--log_dir", str(tmp_path / "l"))
+def test_the_run_says_which_dtype_it_chose(records, tmp_path, capsys):
+    try:
+        result = main_here(capsys, "--data_dir", records, "--num_folds", "3", "--exec_mode", "evaluate",
+                           "--model_dir", str(tmp_path / "m"), "--log_dir", str(tmp_path / "l"))
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
     native = Device("cpu", cpu_flags()).native("bf16")[0]  # the CPU this test runs on
     chosen = [line for line in result.stdout.splitlines() if "chosen:" in line]
     assert chosen == [line for line in chosen if line.startswith(f"--dtype {'bf16' if native else 'fp32'} ")]

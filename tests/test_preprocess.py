@@ -1,18 +1,16 @@
 """dataset/preprocess_data.py against SPEC §1.2, read back with plain tf.train.Example parsing."""
 import gzip
 import os
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from dataset.preprocess_data import preprocess
+from dataset.preprocess_data import main as preprocess_main, preprocess
 from common.errors import UserError
 from tests.brats_files import AFFINE, expected_record, write_case
-from tests.conftest import ROOT
+from tests.conftest import main_here
 
 
 def read_examples(path):
@@ -84,9 +82,9 @@ def test_seed_fixes_the_case_order(brats_input, tmp_path):
     assert order("c", 6) != first
 
 
-def run_cli(*argv):
-    return subprocess.run([sys.executable, "dataset/preprocess_data.py", *argv], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+def run_cli(capsys, *argv):
+    """dataset/preprocess_data.py's main() with `argv`, in this process: exit code and output."""
+    return main_here(capsys, *argv, main=preprocess_main)
 
 
 def assert_one_line_error(result, name):
@@ -97,9 +95,9 @@ def assert_one_line_error(result, name):
     assert name in errors[0]
 
 
-def test_command_line_runs(brats_input, tmp_path):
+def test_command_line_runs(brats_input, tmp_path, capsys):
     root, _ = brats_input
-    result = run_cli("-i", str(root), "-o", str(tmp_path / "out"), "--vol_per_file", "5", "--seed", "1")
+    result = run_cli(capsys, "-i", str(root), "-o", str(tmp_path / "out"), "--vol_per_file", "5", "--seed", "1")
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(tmp_path / "out")) == ["records.json", "volume-0.tfrecord",
                                                     "volume-1.tfrecord"]
@@ -127,20 +125,20 @@ def broken_input(tmp_path, how):
 
 
 @pytest.mark.parametrize("how", ["missing", "shape", "labels", "empty", "unreadable"])
-def test_bad_cases_give_one_line_errors_and_no_output(tmp_path, how):
+def test_bad_cases_give_one_line_errors_and_no_output(tmp_path, how, capsys):
     root, path = broken_input(tmp_path, how)
     out = tmp_path / "out"
-    result = run_cli("-i", str(root), "-o", str(out), "--single_data_dir", "--vol_per_file", "1")
+    result = run_cli(capsys, "-i", str(root), "-o", str(out), "--single_data_dir", "--vol_per_file", "1")
     assert_one_line_error(result, str(path))
     assert not out.exists() or os.listdir(out) == []  # nothing partial left behind
 
 
-def test_output_folder_with_records_is_refused(brats_input, tmp_path):
+def test_output_folder_with_records_is_refused(brats_input, tmp_path, capsys):
     root, _ = brats_input
     out = tmp_path / "out"
     out.mkdir()
     (out / "volume-0.tfrecord").write_bytes(b"mine")
-    result = run_cli("-i", str(root), "-o", str(out))
+    result = run_cli(capsys, "-i", str(root), "-o", str(out))
     assert_one_line_error(result, str(out))
     assert (out / "volume-0.tfrecord").read_bytes() == b"mine"
 

@@ -12,24 +12,26 @@ import pytest
 from main import main
 from loops import checkpoint
 from loops.hooks import benchmark_stats
-from tests.conftest import ROOT, assert_one_line_error, main_here, phantom_records, run_cli
+from tests.conftest import ROOT, assert_one_line_error, main_here, run_cli, unet3d_flags
 
 METRICS = {"TumorCore", "PeritumoralEdema", "EnhancingTumor", "MeanDice", "WholeTumor"}
+# The tests that use the shared trained run (conftest's unet3d_run) run on one xdist worker.
+TRAINED = pytest.mark.xdist_group("unet3d_run")
 
 
 @pytest.fixture(scope="module")
-def records(tmp_path_factory):
-    return phantom_records(str(tmp_path_factory.mktemp("phantom")), 6, (48, 48, 40), seed=5)
+def records(unet3d_records):
+    return unet3d_records
 
 
 def flags(records, tmp_path, *extra, name="run"):
-    return ["--data_dir", records, "--model_dir", str(tmp_path / name / "model"),
-            "--log_dir", str(tmp_path / name / "logs"), "--batch_size", "2", "-d", "fp32",
-            "--num_folds", "3", "--seed", "3", "--log_every", "1", *extra]
+    return unet3d_flags(records, tmp_path / name, *extra)
 
 
-def read_log(tmp_path, name="run"):
-    with open(tmp_path / name / "logs" / "log.json") as handle:
+def read_log(folder, name="run"):
+    """The log.json entries of folder/name (name None: of folder itself)."""
+    path = (folder / name if name else folder) / "logs" / "log.json"
+    with open(path) as handle:
         return [json.loads(line) for line in handle]
 
 
@@ -39,26 +41,28 @@ def weights_of(model_dir):
         return step, [data[k] for k in sorted(data.files) if k != "step"]
 
 
-def test_every_mode(records, tmp_path):
-    assert main(flags(records, tmp_path, "--exec_mode", "train", "--max_steps", "3")) == 0
-    model_dir = str(tmp_path / "run" / "model")
-    assert checkpoint.latest_checkpoint(model_dir)[0] == 3
+@TRAINED
+def test_every_mode(records, unet3d_run, tmp_path):
+    model_dir = str(unet3d_run / "model")
+    assert checkpoint.latest_checkpoint(model_dir)[0] == 4
 
-    assert main(flags(records, tmp_path, "--exec_mode", "evaluate")) == 0
-    evals = [e for e in read_log(tmp_path) if e["type"] == "eval"]
-    assert set(evals[-1]["data"]) == METRICS and evals[-1]["step"] == 3
+    run = lambda *extra: unet3d_flags(records, unet3d_run, *extra)
+    assert main(run("--exec_mode", "evaluate")) == 0
+    evals = [e for e in read_log(unet3d_run, None) if e["type"] == "eval"]
+    assert set(evals[-1]["data"]) == METRICS and evals[-1]["step"] == 4
 
-    assert main(flags(records, tmp_path, "--exec_mode", "predict", "--save_nifti")) == 0
-    masks = sorted(f for f in os.listdir(model_dir) if f.startswith("vol_"))
+    out = tmp_path / "predicted"
+    assert main(run("--exec_mode", "predict", "--save_nifti", "--output_dir", str(out))) == 0
+    masks = sorted(f for f in os.listdir(out) if f.startswith("vol_"))
     assert masks == ["vol_0.npy", "vol_1.npy"]  # fold 0 of 3 over 6 files: 2 volumes
-    mask = np.load(os.path.join(model_dir, "vol_0.npy"))
+    mask = np.load(out / "vol_0.npy")
     assert mask.shape == (32, 32, 32) and mask.dtype == np.int8 and mask.max() <= 3
-    assert len(os.listdir(os.path.join(model_dir, "nifti"))) == 2
+    assert len(os.listdir(out / "nifti")) == 2
 
-    assert main(flags(records, tmp_path, "--exec_mode", "train_and_evaluate", "--max_steps", "2",
+    assert main(flags(records, tmp_path, "--exec_mode", "train_and_evaluate", "--max_steps", "1",
                       name="chain1")) == 0
     assert {e["type"] for e in read_log(tmp_path, "chain1")} == {"train", "eval"}
-    assert main(flags(records, tmp_path, "--exec_mode", "train_and_predict", "--max_steps", "2",
+    assert main(flags(records, tmp_path, "--exec_mode", "train_and_predict", "--max_steps", "1",
                       "--disable_ckpt_saving", name="chain2")) == 0
     assert os.path.exists(tmp_path / "chain2" / "model" / "vol_1.npy")
     assert not os.path.exists(tmp_path / "chain2" / "model" / "checkpoints")
@@ -77,22 +81,25 @@ def test_every_synthetic_test_image_gets_a_mask_name():
         parse_args(["--synth_data", "--save_nifti"])
 
 
-def test_resume_continues_and_matches_an_uninterrupted_run(records, tmp_path):
-    assert main(flags(records, tmp_path, "--exec_mode", "train", "--max_steps", "4", name="whole")) == 0
+@TRAINED
+def test_resume_continues_and_matches_an_uninterrupted_run(records, unet3d_run, tmp_path):
+    # The uninterrupted run of 4 steps is the shared unet3d_run (the same flags).
     assert main(flags(records, tmp_path, "--exec_mode", "train", "--max_steps", "2", name="split")) == 0
     assert main(flags(records, tmp_path, "--exec_mode", "train", "--max_steps", "4",
                       "--resume_training", name="split")) == 0
     steps = [e["step"] for e in read_log(tmp_path, "split") if e["type"] == "train"]
     assert steps == [1, 2, 3, 4]
-    whole_step, whole = weights_of(str(tmp_path / "whole" / "model"))
+    whole_step, whole = weights_of(str(unet3d_run / "model"))
     split_step, split = weights_of(str(tmp_path / "split" / "model"))
     assert whole_step == split_step == 4
     for a, b in zip(whole, split):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    losses = lambda name: [e["data"]["loss"] for e in read_log(tmp_path, name) if e["type"] == "train"]
+    losses = lambda folder, name: [e["data"]["loss"] for e in read_log(folder, name) if e["type"] == "train"]
+    whole_losses, split_losses = losses(unet3d_run, None), losses(tmp_path, "split")
+    assert len(whole_losses) == 4
     # Same seed, same machine: the first two steps of both runs log the very same numbers.
-    assert losses("whole")[:2] == losses("split")[:2]
-    np.testing.assert_allclose(losses("whole"), losses("split"), rtol=1e-5)
+    assert whole_losses[:2] == split_losses[:2]
+    np.testing.assert_allclose(whole_losses, split_losses, rtol=1e-5)
 
 
 def test_benchmark_statistics_on_known_times():
@@ -107,8 +114,8 @@ def test_benchmark_statistics_on_known_times():
 
 def test_benchmark_reports_train_and_predict(records, tmp_path):
     for mode in ("train", "predict"):
-        assert main(flags(records, tmp_path, "--exec_mode", mode, "--benchmark", "--max_steps", "4",
-                          "--warmup_steps", "2", name=mode)) == 0
+        assert main(flags(records, tmp_path, "--exec_mode", mode, "--benchmark", "--max_steps", "3",
+                          "--warmup_steps", "1", name=mode)) == 0
         bench = [e for e in read_log(tmp_path, mode) if e["type"] == "benchmark"]
         assert len(bench) == 1
         assert set(bench[0]["data"]) == {f"throughput_{mode}", f"latency_{mode}", f"Latency_{mode} 90%",
@@ -118,7 +125,7 @@ def test_benchmark_reports_train_and_predict(records, tmp_path):
 
 
 def test_sigkill_while_saving_resumes_from_the_last_whole_checkpoint(records, tmp_path):
-    argv = flags(records, tmp_path, "--exec_mode", "train", "--max_steps", "50", "--ckpt_every", "2")
+    argv = flags(records, tmp_path, "--exec_mode", "train", "--max_steps", "50", "--ckpt_every", "1")
     proc = subprocess.Popen([sys.executable, "main.py", *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     ckpt_dir = tmp_path / "run" / "model" / "checkpoints"
@@ -144,8 +151,8 @@ def test_sigkill_while_saving_resumes_from_the_last_whole_checkpoint(records, tm
 
 
 def test_bad_input_gives_one_line_errors(records, tmp_path, capsys):
-    # In this process (main() is what the command line calls); the last two cases run the real
-    # command, to see its exit code and stderr as a user does.
+    # In this process (main() is what the command line calls); the "one" case runs the real
+    # command, to see its exit code and its whole stderr (TensorFlow's own lines too) as a user does.
     empty = tmp_path / "empty"
     empty.mkdir()
     assert_one_line_error(main_here(capsys, *flags(str(empty), tmp_path, "--exec_mode", "train")), str(empty))
@@ -181,14 +188,16 @@ def test_bad_input_gives_one_line_errors(records, tmp_path, capsys):
     assert_one_line_error(result, "--num_folds 5: only 1 record files for 5 folds, so fold 0 leaves "
                                   "no training files")
 
-    result = run_cli(*flags(str(empty), tmp_path, "--exec_mode", "train"), "--tf_verbosity", "0")
+    result = main_here(capsys, *flags(str(empty), tmp_path, "--exec_mode", "train"), "--tf_verbosity", "0")
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
-def test_existing_checkpoint_is_never_overwritten_without_resume(records, tmp_path):
-    assert main(flags(records, tmp_path, "--exec_mode", "train", "--max_steps", "1")) == 0
-    before = weights_of(str(tmp_path / "run" / "model"))
-    result = run_cli(*flags(records, tmp_path, "--exec_mode", "train", "--max_steps", "2"))
+@TRAINED
+def test_existing_checkpoint_is_never_overwritten_without_resume(records, unet3d_run, capsys):
+    before = weights_of(str(unet3d_run / "model"))
+    result = main_here(capsys, *unet3d_flags(records, unet3d_run, "--exec_mode", "train", "--max_steps", "6"))
     assert_one_line_error(result, "--resume_training")
-    after = weights_of(str(tmp_path / "run" / "model"))
-    assert before[0] == after[0] == 1
+    after = weights_of(str(unet3d_run / "model"))
+    assert before[0] == after[0] == 4
+    for a, b in zip(before[1], after[1]):
+        np.testing.assert_array_equal(a, b)

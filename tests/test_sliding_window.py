@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from loops.window_layout import gaussian_importance, sliding_window_shape, window_starts
-from tests.conftest import ROOT, assert_one_line_error, main_here, phantom_records, run_cli
+from tests.conftest import ROOT, assert_one_line_error, main_here, phantom_records
 
 MIRRORS = [axes for r in range(4) for axes in itertools.combinations((0, 1, 2), r)]
 
@@ -193,11 +193,11 @@ def test_ensemble_of_two_checkpoints_is_the_mean_of_their_probabilities(trained_
 
 def test_bad_inference_flags_give_one_line_errors(trained_dirs, capsys):
     records, dirs, root = trained_dirs
-    assert_one_line_error(run_cli("--model", "vnet", "--exec_mode", "predict", "--sliding_window"),
+    assert_one_line_error(main_here(capsys, "--model", "vnet", "--exec_mode", "predict", "--sliding_window"),
                           "--sliding_window")
     for overlap in ("1.0", "-0.1"):
-        assert_one_line_error(run_cli("--exec_mode", "predict", "--overlap", overlap), "--overlap")
-    assert_one_line_error(run_cli("--exec_mode", "train", "--model_dir", "x", "y"), "--model_dir")
+        assert_one_line_error(main_here(capsys, "--exec_mode", "predict", "--overlap", overlap), "--overlap")
+    assert_one_line_error(main_here(capsys, "--exec_mode", "train", "--model_dir", "x", "y"), "--model_dir")
     assert_one_line_error(main_here(capsys, *cli(records, root, "--exec_mode", "predict", "--model_dir",
                                                  dirs["a"], dirs["c"])),
                           f"--model_dir {dirs['c']}")

@@ -8,12 +8,12 @@ import pytest
 import SimpleITK as sitk
 
 from dataset.msd import load_case, read_dataset_json
-from dataset.phantom_msd import write_msd_phantom
 from main import main
 from model.losses import soft_dice_per_sample, vnet_dice_loss
 from model.vnet import build_vnet
 from common.errors import UserError
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import MSD_SPACING as SPACING
+from tests.conftest import assert_one_line_error, main_here, run_cli
 
 
 def conv_params(k, c_in, c_out, norm=True):
@@ -59,26 +59,10 @@ def test_vnet_dice_loss_matches_numpy():
     assert float(vnet_dice_loss(y, p)) == pytest.approx(np.sum(1 - dice.mean(0)), rel=1e-5)
 
 
-SPACING = (0.8, 1.3, 2.1)
-DIRECTION = (0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
-
-
 @pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("msd"))
-    write_msd_phantom(root, 10, 3, seed=1, spacing=SPACING, direction=DIRECTION)
-    # Make the first training image 4-D: two volumes, the last one is the one to keep.
-    path = os.path.join(root, "imagesTr", "hippocampus_000.nii.gz")
-    image = sitk.ReadImage(path)
-    array = sitk.GetArrayFromImage(image)
-    four = sitk.GetImageFromArray(np.stack([np.zeros_like(array), array]), isVector=False)
-    four.SetSpacing(SPACING + (1.0,))
-    four.SetOrigin(image.GetOrigin() + (0.0,))
-    direction4 = np.eye(4)
-    direction4[:3, :3] = np.reshape(DIRECTION, (3, 3))
-    four.SetDirection(direction4.ravel().tolist())
-    sitk.WriteImage(four, path)
-    return root
+def task(msd_phantom):
+    """conftest's MSD phantom: 10 training cases (the first one 4-D) and 3 test cases."""
+    return msd_phantom
 
 
 def test_resampling_matches_simpleitk(task):
@@ -161,10 +145,10 @@ def copy_task(task, dest):
     return str(dest)
 
 
-def test_bad_msd_folders(task, tmp_path):
+def test_bad_msd_folders(task, tmp_path, capsys):
     missing = tmp_path / "missing"
     missing.mkdir()
-    assert_one_line_error(run_cli(*vnet_flags(str(missing), tmp_path)), str(missing / "dataset.json"))
+    assert_one_line_error(main_here(capsys, *vnet_flags(str(missing), tmp_path)), str(missing / "dataset.json"))
 
     malformed = copy_task(task, tmp_path / "malformed")
     with open(os.path.join(malformed, "dataset.json"), "w") as handle:
@@ -178,7 +162,7 @@ def test_bad_msd_folders(task, tmp_path):
 
     absent = copy_task(task, tmp_path / "absent")
     os.remove(os.path.join(absent, "labelsTr", "hippocampus_003.nii.gz"))
-    assert_one_line_error(run_cli(*vnet_flags(absent, tmp_path)),
+    assert_one_line_error(main_here(capsys, *vnet_flags(absent, tmp_path)),
                           os.path.join(absent, "labelsTr", "hippocampus_003.nii.gz"))
 
     grid = copy_task(task, tmp_path / "grid")
@@ -186,12 +170,12 @@ def test_bad_msd_folders(task, tmp_path):
     label = sitk.ReadImage(label_path)
     label.SetSpacing((1.0, 1.0, 1.0))
     sitk.WriteImage(label, label_path)
-    assert_one_line_error(run_cli(*vnet_flags(grid, tmp_path)), f"{label_path}: its grid")
+    assert_one_line_error(main_here(capsys, *vnet_flags(grid, tmp_path)), f"{label_path}: its grid")
 
 
-def test_model_specific_flags_are_rejected():
-    assert_one_line_error(run_cli("--model", "vnet", "--fold", "1"), "--fold")
-    assert_one_line_error(run_cli("--base_lr", "0.1"), "--base_lr")
-    assert_one_line_error(run_cli("--model", "vnet", "--loss", "ce"), "--loss")
-    assert_one_line_error(run_cli("--model", "vnet", "--downscale_blocks", "3", "3",
-                                  "--upscale_blocks", "3", "3"), "--upscale_blocks")
+def test_model_specific_flags_are_rejected(capsys):
+    assert_one_line_error(main_here(capsys, "--model", "vnet", "--fold", "1"), "--fold")
+    assert_one_line_error(main_here(capsys, "--base_lr", "0.1"), "--base_lr")
+    assert_one_line_error(main_here(capsys, "--model", "vnet", "--loss", "ce"), "--loss")
+    assert_one_line_error(main_here(capsys, "--model", "vnet", "--downscale_blocks", "3", "3",
+                                    "--upscale_blocks", "3", "3"), "--upscale_blocks")
