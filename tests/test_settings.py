@@ -8,12 +8,12 @@ import pytest
 
 from common.settings import DataSettings, UNet3DSettings, VNetSettings
 from tasks.base import make_task
-from tests.conftest import assert_one_line_error, main_here, phantom_records, run_cli
+from tests.conftest import assert_one_line_error, main_here, run_cli
 
 
 @pytest.fixture(scope="module")
-def records(tmp_path_factory):
-    return phantom_records(str(tmp_path_factory.mktemp("settings")), 3, (32, 32, 32), seed=7)
+def records(unet3d_records):
+    return unet3d_records
 
 
 def test_a_task_and_its_network_from_settings_objects_alone():
