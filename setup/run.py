@@ -1,16 +1,18 @@
 """One run of the tool, stage by stage: the machine, the task and its data, model, engine and hooks,
 then the modes. Everything comes from the frozen Settings and the resolved Machine."""
+import contextlib
 import itertools
 import math
 import os
 
 import numpy as np
 
-from common import run_record
+from common import run_lock, run_record
 from common.errors import UserError
 from loops import checkpoint
 from loops.hooks import (BenchmarkHook, CheckpointHook, Hooks, Logger, LoggingHook, ProfileHook,
                          ProgressHook, TensorBoardHook)
+from loops.stopping import Stopped, signal_name
 from loops.trainer import Trainer
 from setup.machine import resolve_machine
 from tasks.base import make_task
@@ -175,10 +177,12 @@ def build(settings, machine, task, data):
     from engines.tf_engine import TFEngine
     with cluster.strategy.scope():
         model, optimizer = _model_and_optimizer(settings, task, data)
-    hvd = cluster.horovod
+    hvd, tf = cluster.horovod, machine.tf
     all_reduce = (lambda grads: [hvd.allreduce(g) for g in grads]) if hvd else None
+    agree = (lambda value: int(hvd.allreduce(tf.constant(value, tf.int32), op=hvd.Max))) if hvd else None
     engine = TFEngine(model, optimizer, loss_fn, metrics_fn, use_xla=machine.use_xla,
-                      strategy=cluster.strategy, all_reduce=all_reduce, finish_batch=finish_batch)
+                      strategy=cluster.strategy, all_reduce=all_reduce, finish_batch=finish_batch,
+                      agree_across=agree)
     return model, optimizer, engine
 
 
@@ -197,12 +201,14 @@ def run(settings):
     if cluster.broadcasts and whole_volume(settings) and run_settings.exec_mode != "train":
         raise UserError("--sliding_window, --tta, --save_probabilities and ensembles run in one "
                         "process: train with several, then evaluate or predict with one")
-    with cluster.failures():  # a lost peer: one line
+    locks = (run_settings.trains and cluster.is_chief and not run_settings.benchmark)
+    with cluster.failures(), (run_lock.holding(machine.model_dir) if locks else contextlib.nullcontext()):
         logger = Logger(machine.log_dir, enabled=machine.writes)
         task = make_task(run_settings.model, settings.network, settings.data, machine)
-        data = task.data(cluster.worker_id, cluster.num_workers,
-                         settings.data.batch_size * machine.local_batch,
-                         need_eval=run_settings.evaluates, need_test=run_settings.predicts)
+        local = machine.local_batch
+        data = task.data(cluster.worker_id * local, cluster.num_workers * local,
+                         settings.data.batch_size * local, need_eval=run_settings.evaluates,
+                         need_test=run_settings.predicts, local_streams=local)
         model, optimizer, engine = build(settings, machine, task, data)
 
         save_fn = None
@@ -218,7 +224,31 @@ def run(settings):
         hooks = make_hooks(settings, machine, logger, save_fn, global_batch, engine)
         trainer = Trainer(engine, hooks, run_settings.log_every, sync_every_step=run_settings.benchmark,
                           dump_dir=run_settings.dump_config if machine.writes else None)
-        return run_modes(settings, machine, task, data, model, optimizer, trainer)
+        try:
+            return run_modes(settings, machine, task, data, model, optimizer, trainer)
+        except Stopped as stop:
+            raise Stopped(stop.signum, stop.mode, stop.step,
+                          stopped_message(stop, machine, save_fn is not None)) from None
+
+
+def stopped_message(stop, machine, saves):
+    """The one line a run stopped by a signal ends with: the signal, the step, how to go on."""
+    cluster, name = machine.cluster, signal_name(stop.signum)
+    who = f"worker {cluster.worker_id} of {cluster.num_workers}: " if cluster.num_workers > 1 else ""
+    if stop.mode == "predict":
+        return (f"{who}stopped by {name} during prediction after writing {stop.step} masks, each "
+                "complete; run the same command again to write them all")
+    if stop.mode == "eval":
+        return (f"{who}stopped by {name} during evaluation after {stop.step} batches, before any "
+                "score was written; run the same command again")
+    if saves:
+        kept = f"checkpoint of step {stop.step} written in {machine.model_dir}"
+    elif cluster.is_chief:
+        kept = "no checkpoint written (saving is off)"
+    else:
+        kept = f"worker 0 writes the checkpoint of step {stop.step}"
+    return (f"{who}stopped by {name} after training step {stop.step}; {kept}; continue with the same "
+            "command and --resume_training")
 
 
 def run_modes(settings, machine, task, data, model, optimizer, trainer):
