@@ -9,8 +9,8 @@ passes its own part of the global batch, and every training step is a step of al
 Evaluation and prediction run on this process's devices alone, on local copies of the replicated
 variables, so that process 0 evaluates and predicts while the others have finished.
 Training batches are copied to the devices by a background thread, ahead of the step that uses
-them, so the copy overlaps the previous step. Several processes agree on a stop after each step
-(`agree`) through a host all-gather (jax.experimental.multihost_utils).
+them, so the copy overlaps the previous step. Several processes agree on a stop (`agree`) through
+an all-gather of one number (jax.experimental.multihost_utils).
 """
 import os
 import queue
@@ -192,6 +192,11 @@ class JaxEngine:
                 yield tuple(batch) if len(batch) > 1 else batch[0]
         finally:
             batches.close()
+
+    @property
+    def several_workers(self):
+        """Whether other processes train with this one (`agree` is then a collective)."""
+        return jax.process_count() > 1
 
     @staticmethod
     def agree(value):

@@ -3,8 +3,8 @@
 With the default strategy this is a plain single-device `tf.function` (XLA when asked). Under a
 multi-device or multi-worker strategy each step runs on every replica through `strategy.run`;
 the optimizer all-reduces the gradients. With Horovod, `all_reduce` averages them instead.
-The workers agree on a stop after each step (`agree`): an all-gather of a number across the
-strategy's replicas, or Horovod's `agree_across`.
+Several workers agree on a stop (`agree`): an all-gather of a number across the strategy's
+replicas, or Horovod's `agree_across`.
 """
 from common.quiet_import import import_tensorflow
 
@@ -66,12 +66,19 @@ class TFEngine:
             return self.strategy.experimental_distribute_dataset(make_dataset())
         return self.strategy.distribute_datasets_from_function(lambda context: make_dataset())
 
+    @property
+    def several_workers(self):
+        """Whether other processes train with this one (`agree` is then a collective)."""
+        multi_worker = (self.strategy.num_replicas_in_sync > 1
+                        and not isinstance(self.strategy, self.tf.distribute.MirroredStrategy))
+        return self.agree_across is not None or multi_worker
+
     def agree(self, value):
         """The largest of every worker's `value` (an int), on every worker: a collective that
         each worker calls after the same step."""
         if self.agree_across is not None:
             return self.agree_across(value)
-        if self.strategy.num_replicas_in_sync == 1:
+        if not self.several_workers:
             return value
         tf = self.tf
         if self._agree is None:

@@ -2,16 +2,18 @@
 
 While a loop runs inside `StopRequest.watching()`, those signals only record themselves (the
 first one counts; later ones, e.g. SLURM's SIGTERM after its SIGUSR1 warning, change nothing, so
-a checkpoint being written is finished). After every training step the workers agree on the stop
-through the engine's collective `agree` (the largest signal number any worker received), so they
-all stop after the same step; the loop then writes its checkpoint and raises `Stopped`. Outside
-the loops the signals keep their usual effect.
+a checkpoint being written is finished). One process checks after every training step. Several
+workers agree every AGREE_EVERY steps and at the last one, through the engine's collective
+`agree` (the largest signal number any worker received), so they all stop after the same step;
+agreeing waits for the step in flight, so it is not done after every step. The loop then writes
+its checkpoint and raises `Stopped`. Outside the loops the signals keep their usual effect.
 """
 import contextlib
 import signal
 import threading
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+AGREE_EVERY = 4  # training steps between two agreements of several workers
 
 
 class Stopped(Exception):

@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from common.output_files import replacing
-from loops.stopping import StopRequest, Stopped
+from loops.stopping import AGREE_EVERY, StopRequest, Stopped
 
 
 class Trainer:
@@ -28,7 +28,8 @@ class Trainer:
         """Steps first_step+1 .. last_step over `make_dataset()`; returns the last loss (a float).
 
         A stop signal to any worker ends every worker's loop after the same step (the engine's
-        `agree`); the hooks' `end` (the checkpoint) runs, then `Stopped` is raised."""
+        `agree`, every AGREE_EVERY steps with several workers); the hooks' `end` (the
+        checkpoint) runs, then `Stopped` is raised."""
         with StopRequest().watching() as stop:
             loss_value, step, signum = self._train(make_dataset, first_step, last_step, batch_size,
                                                    stop)
@@ -39,6 +40,7 @@ class Trainer:
     def _train(self, make_dataset, first_step, last_step, batch_size, stop):
         self.hooks.begin("train", last_step, first_step)
         step, loss_value, signum = first_step, None, 0
+        every = AGREE_EVERY if self.engine.several_workers else 1
         batches = iter(self.engine.distribute(make_dataset))
         try:
             for step in range(first_step + 1, last_step + 1):
@@ -52,9 +54,10 @@ class Trainer:
                     raise FloatingPointError(f"the loss became {loss_value} at step {step}; lower "
                                              "--learning_rate or check the data")
                 self.hooks.after_step("train", step, batch_size, loss_value)
-                signum = self.engine.agree(stop.signum)
-                if signum:
-                    break
+                if step % every == 0 or step == last_step:
+                    signum = self.engine.agree(stop.signum)
+                    if signum:
+                        break
         finally:  # stop a prefetching reader now, not at interpreter exit
             getattr(batches, "close", lambda: None)()
         self.engine.commit()
