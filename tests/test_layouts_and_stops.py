@@ -64,7 +64,7 @@ def one_process(env, records, out, steps, *extra):
     """One JAX process with two CPU devices."""
     result = subprocess.run([sys.executable, *flags(records, out, steps, *extra)], cwd=ROOT,
                             env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -72,7 +72,7 @@ def two_processes(env, records, out, steps, *extra):
     """Two JAX processes of one CPU device each, under mpirun."""
     result = subprocess.run([MPIRUN, "-np", "2", "--oversubscribe", sys.executable,
                              *flags(records, out, steps, *extra)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
