@@ -4,6 +4,7 @@ Every loop stops early on SIGTERM, SIGINT or SIGUSR1 (loops/stopping.py): traini
 step the workers agree on, with its checkpoint written by the hooks; evaluation and prediction
 between two volumes, the files already written complete. The loop then raises `Stopped`.
 """
+import io
 import os
 
 import numpy as np
@@ -128,10 +129,13 @@ class Trainer:
 
 
 def save_array(path, array):
-    """`array` as path (.npy; .npz holds it as 'probabilities'), whole or not at all."""
+    """`array` as path (.npy; .npz holds it as 'probabilities'), whole or not at all. The file is
+    made in memory and written in one call, so that a full disk reports its errno."""
+    buffer = io.BytesIO()
+    if path.endswith(".npz"):
+        np.savez(buffer, probabilities=array)
+    else:
+        np.save(buffer, array)
     with replacing(path) as tmp:
         with open(tmp, "wb") as handle:
-            if path.endswith(".npz"):
-                np.savez(handle, probabilities=array)
-            else:
-                np.save(handle, array)
+            handle.write(buffer.getbuffer())
