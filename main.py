@@ -17,17 +17,21 @@ def main(argv=None):
         return 1
     os.environ["KERAS_BACKEND"] = settings.precision.backend  # before Keras is imported
     prefer_channels_last_convolutions()  # before XLA starts
+    from loops.stopping import Stopped
     from setup.cluster import end_now_if_distributed
     from setup.run import run
     try:
         run(settings)
+    except Stopped as stop:  # every worker stopped after the same step: exit as usual
+        print(f"main.py: {stop}", file=sys.stderr)
+        return stop.code
     except (UserError, FloatingPointError) as err:
         if settings.run.tf_verbosity == 0:
             traceback.print_exc()
         else:
             print(f"main.py: error: {err}", file=sys.stderr)
         return end_now_if_distributed(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C outside the loops (setting up): the status of SIGINT
         print("main.py: interrupted; continue later with --resume_training", file=sys.stderr)
         return end_now_if_distributed(130)
     except BaseException:  # a bug: its traceback, and no wait for other processes

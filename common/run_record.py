@@ -6,9 +6,9 @@ checkpoint; evaluate, predict and --resume_training read it back through `saved_
 """
 import json
 import os
-import tempfile
 
 from common.errors import UserError
+from common.output_files import replacing
 from common.version import VERSION
 
 FILE_NAME = "settings.json"
@@ -22,16 +22,10 @@ def record_path(model_dir):
 def write(model_dir, network, used):
     """Write {network, run, version} into model_dir/settings.json atomically."""
     body = {"version": VERSION, "network": network, "run": used}
-    fd, tmp = tempfile.mkstemp(prefix=".settings-", suffix=".tmp", dir=model_dir)
-    try:
-        with os.fdopen(fd, "w") as handle:
+    with replacing(record_path(model_dir)) as tmp:
+        with open(tmp, "w") as handle:
             json.dump(body, handle, indent=2, sort_keys=True)
             handle.write("\n")
-        os.replace(tmp, record_path(model_dir))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def read(model_dir):

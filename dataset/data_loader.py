@@ -62,14 +62,31 @@ def scan_records(files):
     return found
 
 
+def join_streams(make_stream, first, count):
+    """The training batches of this process: batch i joins (in order) batch i of the input streams
+    `make_stream(k)` for k in first .. first + count - 1, so that one process of several devices
+    reads what as many workers of one device each would, whatever the layout."""
+    streams = [make_stream(k) for k in range(first, first + count)]
+    if count == 1:
+        return streams[0]
+    joined = tf.data.Dataset.zip(tuple(streams))
+    return joined.map(lambda *batches: tf.nest.map_structure(lambda *parts: tf.concat(parts, 0), *batches),
+                      num_parallel_calls=AUTOTUNE)
+
+
 class BratsData:
-    """The training, evaluation and test pipelines of one worker over one fold of `data_dir`;
+    """The training, evaluation and test pipelines of one process over one fold of `data_dir`;
     `info` (its records.json: channels and label convention) sizes the inputs and the one-hot
-    labels."""
+    labels.
+
+    Training reads `local_streams` of the `num_workers` input streams (one per device in all),
+    from stream `worker_id` on, each in batches of batch_size / local_streams; a stream shards
+    the training files as a worker of that index would."""
 
     def __init__(self, data_dir, batch_size, fold=0, num_folds=5, seed=None, augment=True,
-                 worker_id=0, num_workers=1, prefetch_device=None):
+                 worker_id=0, num_workers=1, prefetch_device=None, local_streams=1):
         self.batch_size = batch_size
+        self.local_streams, self.stream_batch = local_streams, batch_size // local_streams
         self.seed = base_seed(seed)
         self.augment = augment
         self.worker_id, self.num_workers = worker_id, num_workers
@@ -98,21 +115,24 @@ class BratsData:
                             f"{self.num_folds} folds, so fold {self.fold} leaves no training files; "
                             "use fewer --num_folds or more files")
         if self.n_train < self.num_workers:
-            raise UserError(f"{self.n_train} training volumes for {self.num_workers} workers: each "
-                            "worker needs one; use fewer workers, fewer --num_folds or more files")
+            raise UserError(f"{self.n_train} training volumes for {self.num_workers} devices: each "
+                            "device's input stream needs one; use fewer devices, fewer --num_folds "
+                            "or more files")
 
     def train_dataset(self, start_step=0):
         """Endless compact batches ({"image": uint8 (B, crop…, 4), "mean", "stdev", "flip", "brighten",
         "factor"}, uint8 labels (B, crop…)), resuming the stream at `start_step`; the training step
         finishes them (dataset/device_transform.py)."""
         self.check_trainable()
-        ds = tf.data.TFRecordDataset(self.train_files)
-        ds = ds.shard(self.num_workers, self.worker_id).cache()
-        ds = ds.shuffle(8 * self.batch_size, seed=self.seed).repeat()
-        return self._train_stream(ds.map(self._parse, num_parallel_calls=AUTOTUNE), start_step)
+        return self._finish(join_streams(lambda k: self._train_stream(k, start_step),
+                                         self.worker_id, self.local_streams))
 
-    def _train_stream(self, ds, start_step):
-        skipped = start_step * self.batch_size
+    def _train_stream(self, stream, start_step):
+        ds = tf.data.TFRecordDataset(self.train_files)
+        ds = ds.shard(self.num_workers, stream).cache()
+        ds = ds.shuffle(8 * self.stream_batch, seed=self.seed).repeat()
+        ds = ds.map(self._parse, num_parallel_calls=AUTOTUNE)
+        skipped = start_step * self.stream_batch
         ds = ds.skip(skipped).enumerate(start=skipped)
         crop, augment, seed = self.crop_shape, self.augment, self.seed
 
@@ -121,7 +141,7 @@ class BratsData:
             return transforms.train_transform(x, y, mean, stdev, tf.stack([seed, index]), crop, augment)
 
         ds = ds.map(transform, num_parallel_calls=AUTOTUNE)
-        return self._finish(ds.batch(self.batch_size, drop_remainder=True))
+        return ds.batch(self.stream_batch, drop_remainder=True)
 
     def eval_dataset(self):
         """Every validation volume once, as (x, one-hot y) evaluation windows, in batches."""

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from dataset.data_loader import prefetch
+from dataset.data_loader import join_streams, prefetch
 from dataset.msd import load_case, read_dataset_json
 from common.errors import UserError
 from common.progress import Progress
@@ -31,12 +31,13 @@ class MsdData:
 
     def __init__(self, data_dir, input_shape, batch_size, train_split=1.0, seed=0, augment=False,
                  interpolator="linear", data_normalization="zscore", worker_id=0, num_workers=1,
-                 prefetch_device=None, need_eval=False, need_test=False):
+                 prefetch_device=None, need_eval=False, need_test=False, local_streams=1):
         task = read_dataset_json(data_dir)
         self.label_names = task["labels"]
         self.n_classes = len(self.label_names)
         self.batch_size, self.seed, self.augment = batch_size, seed, augment
         self.worker_id, self.num_workers = worker_id, num_workers
+        self.local_streams, self.stream_batch = local_streams, batch_size // local_streams
         self.prefetch_device = prefetch_device
         self.input_shape = tuple(input_shape)
         modality = next(iter(task["modality"].values()), "MRI")
@@ -60,11 +61,17 @@ class MsdData:
         self.test_names = [os.path.basename(p).split(".")[0] for p in self.test_paths]
 
     def train_dataset(self, start_step=0):
-        """Endless shuffled batches of (x, one-hot y), flipped when augmenting, resumable."""
+        """Endless shuffled batches of (x, one-hot y), flipped when augmenting, resumable; one
+        process of several devices joins their streams (dataset/data_loader.py's join_streams)."""
+        batches = join_streams(lambda k: self._train_stream(k, start_step), self.worker_id,
+                               self.local_streams)
+        return prefetch(batches, self.prefetch_device)
+
+    def _train_stream(self, stream, start_step):
         ds = tf.data.Dataset.from_tensor_slices((np.stack(self.train_x), np.stack(self.train_y)))
-        ds = ds.cache().repeat().shuffle(2 * self.batch_size, seed=self.seed)
-        ds = ds.shard(self.num_workers, self.worker_id)
-        skipped = start_step * self.batch_size
+        ds = ds.cache().repeat().shuffle(2 * self.stream_batch, seed=self.seed)
+        ds = ds.shard(self.num_workers, stream)
+        skipped = start_step * self.stream_batch
         ds = ds.skip(skipped).enumerate(start=skipped)
         seed, augment, n_classes = self.seed, self.augment, self.n_classes
 
@@ -79,7 +86,7 @@ class MsdData:
             return x, tf.one_hot(tf.cast(y, tf.int32), n_classes)
 
         ds = ds.map(transform, num_parallel_calls=AUTOTUNE)
-        return prefetch(ds.batch(self.batch_size, drop_remainder=True), self.prefetch_device)
+        return ds.batch(self.stream_batch, drop_remainder=True)
 
     def eval_dataset(self):
         """Every validation case once as (x, one-hot y), in batches."""

@@ -9,7 +9,8 @@ passes its own part of the global batch, and every training step is a step of al
 Evaluation and prediction run on this process's devices alone, on local copies of the replicated
 variables, so that process 0 evaluates and predicts while the others have finished.
 Training batches are copied to the devices by a background thread, ahead of the step that uses
-them, so the copy overlaps the previous step.
+them, so the copy overlaps the previous step. Several processes agree on a stop (`agree`) through
+an all-gather of one number (jax.experimental.multihost_utils).
 """
 import os
 import queue
@@ -191,6 +192,20 @@ class JaxEngine:
                 yield tuple(batch) if len(batch) > 1 else batch[0]
         finally:
             batches.close()
+
+    @property
+    def several_workers(self):
+        """Whether other processes train with this one (`agree` is then a collective)."""
+        return jax.process_count() > 1
+
+    @staticmethod
+    def agree(value):
+        """The largest of every process's `value` (an int), on every process: a collective that
+        each process calls after the same step."""
+        if jax.process_count() == 1:
+            return value
+        from jax.experimental import multihost_utils
+        return int(np.max(multihost_utils.process_allgather(np.int32(value))))
 
     def train_step(self, x, y):
         """One optimizer step on a batch; returns the loss (a device scalar, not synced)."""

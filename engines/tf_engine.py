@@ -3,6 +3,8 @@
 With the default strategy this is a plain single-device `tf.function` (XLA when asked). Under a
 multi-device or multi-worker strategy each step runs on every replica through `strategy.run`;
 the optimizer all-reduces the gradients. With Horovod, `all_reduce` averages them instead.
+Several workers agree on a stop (`agree`): an all-gather of a number across the strategy's
+replicas, or Horovod's `agree_across`.
 """
 from common.quiet_import import import_tensorflow
 
@@ -15,13 +17,14 @@ class TFEngine:
     """
 
     def __init__(self, model, optimizer, loss_fn, metrics_fn, use_xla=False, strategy=None,
-                 all_reduce=None, finish_batch=None):
+                 all_reduce=None, finish_batch=None, agree_across=None):
         self.tf = tf = import_tensorflow()
         self.model, self.optimizer = model, optimizer
         self.loss_fn, self.metrics_fn = loss_fn, metrics_fn
         self.finish_batch = finish_batch
         self.strategy = strategy or tf.distribute.get_strategy()
-        self.all_reduce = all_reduce
+        self.all_reduce, self.agree_across = all_reduce, agree_across
+        self._agree = None
         self.use_xla = use_xla
         self._train = tf.function(self._replica_train_step, jit_compile=use_xla)
         self._eval = tf.function(self._eval_step, jit_compile=use_xla, reduce_retracing=True)
@@ -55,10 +58,37 @@ class TFEngine:
         return self.tf.cast(self.tf.argmax(self.model(x, training=False), axis=-1), self.tf.int8)
 
     def distribute(self, make_dataset):
-        """The training batches of `make_dataset()` (this worker's shard), fed to its replicas."""
+        """The training batches of `make_dataset()` (this worker's shard), fed to its replicas:
+        one process of several devices (MirroredStrategy) splits each batch over them in order."""
         if self.strategy.num_replicas_in_sync == 1:
             return make_dataset()
+        if isinstance(self.strategy, self.tf.distribute.MirroredStrategy):
+            return self.strategy.experimental_distribute_dataset(make_dataset())
         return self.strategy.distribute_datasets_from_function(lambda context: make_dataset())
+
+    @property
+    def several_workers(self):
+        """Whether other processes train with this one (`agree` is then a collective)."""
+        multi_worker = (self.strategy.num_replicas_in_sync > 1
+                        and not isinstance(self.strategy, self.tf.distribute.MirroredStrategy))
+        return self.agree_across is not None or multi_worker
+
+    def agree(self, value):
+        """The largest of every worker's `value` (an int), on every worker: a collective that
+        each worker calls after the same step."""
+        if self.agree_across is not None:
+            return self.agree_across(value)
+        if not self.several_workers:
+            return value
+        tf = self.tf
+        if self._agree is None:
+            def largest(v):
+                gathered = tf.distribute.get_replica_context().all_gather(v[None], axis=0)
+                return tf.reduce_max(gathered)
+
+            self._agree = tf.function(lambda v: self.strategy.run(largest, args=(v,)))
+        result = self._agree(tf.constant(value, tf.int32))
+        return int(self.strategy.experimental_local_results(result)[0].numpy())
 
     @staticmethod
     def prefetch(dataset):

@@ -3,19 +3,23 @@
 Files are `model_dir/checkpoints/ckpt-<step>.npz`. Each is written to a temporary name and
 renamed when complete, so a crash mid-write leaves no file that looks whole; the newest complete
 one is kept and older ones this tool wrote are removed. Nothing else in model_dir is touched.
+Before writing, the free space of the folder is checked against the checkpoint's size (known from
+its arrays): too little is a one-line error and the previous checkpoint stays.
 Plain NumPy arrays make the format the same on every Keras backend.
 """
 import glob
 import os
 import re
-import tempfile
 import zipfile
 
 import numpy as np
 
 from common.errors import UserError
+from common.output_files import free_bytes, megabytes, replacing
 
 PATTERN = re.compile(r"^ckpt-(\d+)\.npz$")
+# What an array adds to its bytes in an .npz: its .npy header and the zip's two entries for it.
+BYTES_PER_ARRAY = 512
 
 
 def checkpoint_dir(model_dir):
@@ -47,24 +51,28 @@ def _variables(model, optimizer):
 
 
 def save(model_dir, step, model, optimizer=None):
-    """Write the checkpoint of `step` atomically, then drop the older ones; returns its path."""
+    """Write the checkpoint of `step` atomically, then drop the older ones; returns its path.
+
+    Too little free space for it, or a failed write, is a UserError; the older ones then stay."""
     folder = checkpoint_dir(model_dir)
     os.makedirs(folder, exist_ok=True)
     arrays = {f"v{i:05d}": np.asarray(v.numpy() if hasattr(v, "numpy") else v)
               for i, v in enumerate(_variables(model, optimizer))}
     arrays["step"] = np.int64(step)
+    need = sum(a.nbytes + BYTES_PER_ARRAY for a in arrays.values())
+    free = free_bytes(folder)
+    if free < need:
+        kept = latest_checkpoint(model_dir)
+        kept = f"the checkpoint of step {kept[0]} is kept" if kept else "no checkpoint was written"
+        raise UserError(f"{folder}: the checkpoint of step {step} needs {megabytes(need)} and "
+                        f"{megabytes(free)} are free; {kept}. Free space there, then continue "
+                        "with --resume_training")
     final = os.path.join(folder, f"ckpt-{step}.npz")
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
+    with replacing(final) as tmp:
+        with open(tmp, "wb") as handle:
             np.savez(handle, **arrays)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     for old_step, path in list_checkpoints(model_dir):
         if old_step != step:
             os.remove(path)

@@ -13,6 +13,8 @@ import os
 import sys
 import time
 
+from common.output_files import append_line
+
 Z_SCORES = {"90%": 1.645, "95%": 1.960, "99%": 2.576}
 
 
@@ -78,8 +80,7 @@ class Logger:
         print(f"{kind} step {step} | {shown}" if step is not None else f"{kind} | {shown}", flush=True)
         if self.path:
             entry = {"timestamp": time.time(), "type": kind, "step": step, "data": data}
-            with open(self.path, "a") as handle:
-                handle.write(json.dumps(entry) + "\n")
+            append_line(self.path, json.dumps(entry))
         if self.tensorboard is not None and step is not None:
             self.tensorboard.scalars(kind, step, data)
 

@@ -1,7 +1,16 @@
-"""The loops of every mode, the same on every backend: an engine runs the steps, hooks do the rest."""
+"""The loops of every mode, the same on every backend: an engine runs the steps, hooks do the rest.
+
+Every loop stops early on SIGTERM, SIGINT or SIGUSR1 (loops/stopping.py): training after the
+step the workers agree on, with its checkpoint written by the hooks; evaluation and prediction
+between two volumes, the files already written complete. The loop then raises `Stopped`.
+"""
+import io
 import os
 
 import numpy as np
+
+from common.output_files import replacing
+from loops.stopping import AGREE_EVERY, StopRequest, Stopped
 
 
 class Trainer:
@@ -17,9 +26,22 @@ class Trainer:
         self.dump_dir = dump_dir
 
     def train(self, make_dataset, first_step, last_step, batch_size):
-        """Steps first_step+1 .. last_step over `make_dataset()`; returns the last loss (a float)."""
+        """Steps first_step+1 .. last_step over `make_dataset()`; returns the last loss (a float).
+
+        A stop signal to any worker ends every worker's loop after the same step (the engine's
+        `agree`, every AGREE_EVERY steps with several workers); the hooks' `end` (the
+        checkpoint) runs, then `Stopped` is raised."""
+        with StopRequest().watching() as stop:
+            loss_value, step, signum = self._train(make_dataset, first_step, last_step, batch_size,
+                                                   stop)
+        if signum:
+            raise Stopped(signum, "train", step)
+        return loss_value
+
+    def _train(self, make_dataset, first_step, last_step, batch_size, stop):
         self.hooks.begin("train", last_step, first_step)
-        step, loss_value = first_step, None
+        step, loss_value, signum = first_step, None, 0
+        every = AGREE_EVERY if self.engine.several_workers else 1
         batches = iter(self.engine.distribute(make_dataset))
         try:
             for step in range(first_step + 1, last_step + 1):
@@ -33,11 +55,15 @@ class Trainer:
                     raise FloatingPointError(f"the loss became {loss_value} at step {step}; lower "
                                              "--learning_rate or check the data")
                 self.hooks.after_step("train", step, batch_size, loss_value)
+                if step % every == 0 or step == last_step:
+                    signum = self.engine.agree(stop.signum)
+                    if signum:
+                        break
         finally:  # stop a prefetching reader now, not at interpreter exit
             getattr(batches, "close", lambda: None)()
         self.engine.commit()
         self.hooks.end("train", step, {})
-        return loss_value
+        return loss_value, step, signum
 
     def evaluate(self, dataset, step, inference=None, total=None, case_fn=None):
         """Mean of each per-volume score over every volume of `dataset` (`total` batches, if known).
@@ -48,23 +74,26 @@ class Trainer:
         self.hooks.begin("eval", total, 0)
         scores, count, index = {}, 0, 0
         batches = dataset if inference is None else self.engine.prefetch(dataset)
-        try:
-            for count, (x, y) in enumerate(batches, start=1):
-                if inference is None:
-                    batch_scores = self.engine.eval_step(x, y)
-                elif case_fn is None:
-                    batch_scores = inference.scores(x, y, self._windows_done("eval"))
-                else:
-                    batch_scores, masks = inference.scores(x, y, self._windows_done("eval"), True)
-                    x, y = np.asarray(x), np.asarray(y)
-                    for i, mask in enumerate(masks):
-                        case_fn(index + i, x[i], y[i], mask)
-                index += int(x.shape[0])
-                for key, values in batch_scores.items():
-                    scores.setdefault(key, []).append(values)
-                self.hooks.after_step("eval", count, int(x.shape[0]), None)
-        finally:  # stop a prefetching reader now
-            getattr(batches, "close", lambda: None)()
+        with StopRequest().watching() as stop:
+            try:
+                for count, (x, y) in enumerate(batches, start=1):
+                    if inference is None:
+                        batch_scores = self.engine.eval_step(x, y)
+                    elif case_fn is None:
+                        batch_scores = inference.scores(x, y, self._windows_done("eval"))
+                    else:
+                        batch_scores, masks = inference.scores(x, y, self._windows_done("eval"), True)
+                        x, y = np.asarray(x), np.asarray(y)
+                        for i, mask in enumerate(masks):
+                            case_fn(index + i, x[i], y[i], mask)
+                    index += int(x.shape[0])
+                    for key, values in batch_scores.items():
+                        scores.setdefault(key, []).append(values)
+                    self.hooks.after_step("eval", count, int(x.shape[0]), None)
+                    if stop.signum:
+                        raise Stopped(stop.signum, "eval", count)
+            finally:  # stop a prefetching reader now
+                getattr(batches, "close", lambda: None)()
         results = {key: float(np.mean(np.concatenate(v))) for key, v in scores.items()}
         self.hooks.end("eval", step, results)
         return results
@@ -82,28 +111,43 @@ class Trainer:
         index = 0
         keep = save_probabilities and out_dir is not None
         batches = dataset if inference is None else self.engine.prefetch(dataset)
-        try:
-            for step, x in enumerate(batches, start=1):
-                if inference is None:
-                    masks, probabilities = self.engine.predict_step(x), None
-                else:
-                    masks, probabilities = inference.masks(x, self._windows_done("predict"), keep)
-                for i, mask in enumerate(masks):
-                    if out_dir is not None:
-                        np.save(os.path.join(out_dir, f"{names[index]}.npy"), mask)
-                    if probabilities is not None:
-                        np.savez(os.path.join(out_dir, f"{names[index]}.npz"),
-                                 probabilities=probabilities[i])
-                    if mask_fn is not None:
-                        mask_fn(index, mask)
-                    if case_fn is not None:
-                        case_fn(index, np.asarray(x[i]), None, mask)
-                    index += 1
-                self.hooks.after_step("predict", step, int(masks.shape[0]), None)
-        finally:  # stop a prefetching reader now
-            getattr(batches, "close", lambda: None)()
+        with StopRequest().watching() as stop:
+            try:
+                for step, x in enumerate(batches, start=1):
+                    if inference is None:
+                        masks, probabilities = self.engine.predict_step(x), None
+                    else:
+                        masks, probabilities = inference.masks(x, self._windows_done("predict"), keep)
+                    for i, mask in enumerate(masks):
+                        if out_dir is not None:
+                            save_array(os.path.join(out_dir, f"{names[index]}.npy"), mask)
+                        if probabilities is not None:
+                            save_array(os.path.join(out_dir, f"{names[index]}.npz"), probabilities[i])
+                        if mask_fn is not None:
+                            mask_fn(index, mask)
+                        if case_fn is not None:
+                            case_fn(index, np.asarray(x[i]), None, mask)
+                        index += 1
+                    self.hooks.after_step("predict", step, int(masks.shape[0]), None)
+                    if stop.signum:
+                        raise Stopped(stop.signum, "predict", index)
+            finally:  # stop a prefetching reader now
+                getattr(batches, "close", lambda: None)()
         self.hooks.end("predict", index, {})
         return index
 
     def _windows_done(self, mode):
         return lambda done, total: self.hooks.progress(mode, f"windows {done}/{total}")
+
+
+def save_array(path, array):
+    """`array` as path (.npy; .npz holds it as 'probabilities'), whole or not at all. The file is
+    made in memory and written in one call, so that a full disk reports its errno."""
+    buffer = io.BytesIO()
+    if path.endswith(".npz"):
+        np.savez(buffer, probabilities=array)
+    else:
+        np.save(buffer, array)
+    with replacing(path) as tmp:
+        with open(tmp, "wb") as handle:
+            handle.write(buffer.getbuffer())

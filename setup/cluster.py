@@ -34,7 +34,7 @@ JAX_LOST_SIGNS = ("Gloo", "gloo", "Connection reset", "Connection closed", "NCCL
 
 class Cluster:
     """The worker's place: `worker_id`, `num_workers` (input pipelines), `num_replicas` (devices in
-    all), `local_replicas` (the devices one JAX process feeds), the tf.distribute `strategy`,
+    all), `local_replicas` (the devices one process feeds), the tf.distribute `strategy`,
     `horovod` (the module, with --use_horovod), and `broadcasts`: several JAX processes, which
     take process 0's checkpoint through `broadcast`."""
 
@@ -200,7 +200,8 @@ def make_cluster(precision, processes, tf):
 
     if how is None:
         if len(tf.config.list_physical_devices("GPU")) > 1:
-            return Cluster(tf.distribute.MirroredStrategy())
+            strategy = tf.distribute.MirroredStrategy()
+            return Cluster(strategy, local_replicas=strategy.num_replicas_in_sync)
         return Cluster(tf.distribute.get_strategy())
 
     resolvers = tf.distribute.cluster_resolver

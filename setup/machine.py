@@ -40,8 +40,9 @@ class Machine:
 
     @property
     def local_batch(self):
-        """Devices one process feeds: its batches hold batch_size per local device on JAX."""
-        return self.cluster.local_replicas if self.backend == "jax" else 1
+        """Devices one process feeds: its batches hold batch_size per local device, the input
+        streams of those devices joined."""
+        return self.cluster.local_replicas
 
 
 def writable_dir(path, flag):

@@ -1,16 +1,18 @@
 """One run of the tool, stage by stage: the machine, the task and its data, model, engine and hooks,
 then the modes. Everything comes from the frozen Settings and the resolved Machine."""
+import contextlib
 import itertools
 import math
 import os
 
 import numpy as np
 
-from common import run_record
+from common import run_lock, run_record
 from common.errors import UserError
 from loops import checkpoint
 from loops.hooks import (BenchmarkHook, CheckpointHook, EvalEveryHook, Hooks, Logger, LoggingHook,
                          ProfileHook, ProgressHook, TensorBoard, TrainingCurvesHook)
+from loops.stopping import Stopped, signal_name
 from loops.trainer import Trainer
 from setup.machine import resolve_machine
 from tasks.base import make_task
@@ -191,10 +193,12 @@ def build(settings, machine, task, data):
     from engines.tf_engine import TFEngine
     with cluster.strategy.scope():
         model, optimizer = _model_and_optimizer(settings, task, data)
-    hvd = cluster.horovod
+    hvd, tf = cluster.horovod, machine.tf
     all_reduce = (lambda grads: [hvd.allreduce(g) for g in grads]) if hvd else None
+    agree = (lambda value: int(hvd.allreduce(tf.constant(value, tf.int32), op=hvd.Max))) if hvd else None
     engine = TFEngine(model, optimizer, loss_fn, metrics_fn, use_xla=machine.use_xla,
-                      strategy=cluster.strategy, all_reduce=all_reduce, finish_batch=finish_batch)
+                      strategy=cluster.strategy, all_reduce=all_reduce, finish_batch=finish_batch,
+                      agree_across=agree)
     return model, optimizer, engine
 
 
@@ -293,13 +297,15 @@ def run(settings):
     if run_settings.eval_every and cluster.num_workers > 1:
         raise UserError("--eval_every evaluates in one process: leave it out when training with "
                         "several workers")
-    with cluster.failures():  # a lost peer: one line
+    locks = (run_settings.trains and cluster.is_chief and not run_settings.benchmark)
+    with cluster.failures(), (run_lock.holding(machine.model_dir) if locks else contextlib.nullcontext()):
         logger = make_logger(settings, machine)
         task = make_task(run_settings.model, settings.network, settings.data, machine)
-        data = task.data(cluster.worker_id, cluster.num_workers,
-                         settings.data.batch_size * machine.local_batch,
+        local = machine.local_batch
+        data = task.data(cluster.worker_id * local, cluster.num_workers * local,
+                         settings.data.batch_size * local,
                          need_eval=run_settings.evaluates or bool(run_settings.eval_every),
-                         need_test=run_settings.predicts)
+                         need_test=run_settings.predicts, local_streams=local)
         model, optimizer, engine = build(settings, machine, task, data)
 
         save_fn = make_save_fn(settings, machine, task, data, engine, model, optimizer)
@@ -311,7 +317,31 @@ def run(settings):
             hooks.add(EvalEveryHook(lambda step: trainer.evaluate(
                 data.eval_dataset(), step, total=math.ceil(data.n_eval / data.batch_size)),
                 run_settings.eval_every))
-        return run_modes(settings, machine, task, data, model, optimizer, trainer, logger)
+        try:
+            return run_modes(settings, machine, task, data, model, optimizer, trainer, logger)
+        except Stopped as stop:
+            raise Stopped(stop.signum, stop.mode, stop.step,
+                          stopped_message(stop, machine, save_fn is not None)) from None
+
+
+def stopped_message(stop, machine, saves):
+    """The one line a run stopped by a signal ends with: the signal, the step, how to go on."""
+    cluster, name = machine.cluster, signal_name(stop.signum)
+    who = f"worker {cluster.worker_id} of {cluster.num_workers}: " if cluster.num_workers > 1 else ""
+    if stop.mode == "predict":
+        return (f"{who}stopped by {name} during prediction after writing {stop.step} masks, each "
+                "complete; run the same command again to write them all")
+    if stop.mode == "eval":
+        return (f"{who}stopped by {name} during evaluation after {stop.step} batches, before any "
+                "score was written; run the same command again")
+    if saves:
+        kept = f"checkpoint of step {stop.step} written in {machine.model_dir}"
+    elif cluster.is_chief:
+        kept = "no checkpoint written (saving is off)"
+    else:
+        kept = f"worker 0 writes the checkpoint of step {stop.step}"
+    return (f"{who}stopped by {name} after training step {stop.step}; {kept}; continue with the same "
+            "command and --resume_training")
 
 
 def run_modes(settings, machine, task, data, model, optimizer, trainer, logger):

@@ -5,6 +5,7 @@ import os
 import nibabel as nib
 import numpy as np
 
+from common.output_files import replacing
 from dataset.windows import unfit_window
 
 
@@ -28,8 +29,8 @@ def brats_nifti_writer(out_dir, records, convention):
 
     def write(index, mask):
         name = records[index]["case"] or f"vol_{index}"
-        nib.save(brats_nifti(mask, records[index], convention),
-                 os.path.join(out_dir, f"{name}.nii.gz"))
+        with replacing(os.path.join(out_dir, f"{name}.nii.gz"), keep_extension=True) as tmp:
+            nib.save(brats_nifti(mask, records[index], convention), tmp)
 
     return write
 
@@ -43,7 +44,8 @@ def msd_nifti_writer(out_dir, paths, names):
     os.makedirs(out_dir, exist_ok=True)
 
     def write(index, mask):
-        sitk.WriteImage(mask_to_source_grid(mask, paths[index]),
-                        os.path.join(out_dir, f"{names[index]}.nii.gz"))
+        path = os.path.join(out_dir, f"{names[index]}.nii.gz")
+        with replacing(path, errors=(RuntimeError,), keep_extension=True) as tmp:  # SimpleITK's
+            sitk.WriteImage(mask_to_source_grid(mask, paths[index]), tmp)
 
     return write

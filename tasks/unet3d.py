@@ -7,10 +7,12 @@ GPU_CHANNEL_MULTIPLE = 8  # cuDNN's fast 3-D convolution kernels want 8 or more 
 class UNet3DTask(Task):
     """UNet3D's data, model, Adam, dice/ce loss, per-class dice and BraTS masks."""
 
-    def data(self, worker_id=0, num_workers=1, batch_size=None, need_eval=True, need_test=True):
-        """The BraTS pipelines of this worker, in batches of `batch_size` (default --batch_size).
-        Its validation records serve evaluation and prediction alike, so `need_eval` and
-        `need_test` change nothing here."""
+    def data(self, worker_id=0, num_workers=1, batch_size=None, need_eval=True, need_test=True,
+             local_streams=1):
+        """The BraTS pipelines of this process, in batches of `batch_size` (default --batch_size):
+        its training batch joins the input streams worker_id .. worker_id + local_streams - 1 of
+        num_workers (one per device). Its validation records serve evaluation and prediction
+        alike, so `need_eval` and `need_test` change nothing here."""
         d, net = self.data_settings, self.net
         batch_size = batch_size or d.batch_size
         backend = self.machine.backend if self.machine is not None else "tensorflow"
@@ -27,7 +29,7 @@ class UNet3DTask(Task):
             data_dir = phantom_brats()
         data = BratsData(data_dir, batch_size, fold=net.fold, num_folds=net.num_folds, seed=self.seed,
                          augment=d.augment, worker_id=worker_id, num_workers=num_workers,
-                         prefetch_device=self.prefetch_device)
+                         local_streams=local_streams, prefetch_device=self.prefetch_device)
         fields = data.info.network_fields()
         wanted = {name: getattr(net, name) for name in fields}
         if fields != wanted:

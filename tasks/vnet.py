@@ -7,8 +7,11 @@ from tasks.base import Task
 class VNetTask(Task):
     """V-Net's data, model, optimizer, dice loss, per-label dice and resampled masks."""
 
-    def data(self, worker_id=0, num_workers=1, batch_size=None, need_eval=True, need_test=True):
-        """The MSD pipelines of this worker, in batches of `batch_size` (default --batch_size)."""
+    def data(self, worker_id=0, num_workers=1, batch_size=None, need_eval=True, need_test=True,
+             local_streams=1):
+        """The MSD pipelines of this process, in batches of `batch_size` (default --batch_size):
+        its training batch joins the input streams worker_id .. worker_id + local_streams - 1 of
+        num_workers (one per device)."""
         from dataset.msd_loader import MsdData
         d, net = self.data_settings, self.net
         data_dir = d.data_dir
@@ -18,7 +21,7 @@ class VNetTask(Task):
         return MsdData(data_dir, net.input_shape, batch_size or d.batch_size,
                        train_split=net.train_split, seed=self.seed, augment=d.augment,
                        interpolator=net.resize_interpolator, data_normalization=net.data_normalization,
-                       worker_id=worker_id, num_workers=num_workers,
+                       worker_id=worker_id, num_workers=num_workers, local_streams=local_streams,
                        prefetch_device=self.prefetch_device, need_eval=need_eval, need_test=need_test)
 
     def model(self, data):

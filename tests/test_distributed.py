@@ -149,8 +149,10 @@ def size():
 def broadcast_variables(variables, root_rank):
     _record(call="broadcast_variables", count=len(variables), root_rank=root_rank)
 
-def allreduce(tensor):
-    _record(call="allreduce", shape=list(tensor.shape))
+Max = "max"
+
+def allreduce(tensor, op=None):
+    _record(call="allreduce", shape=list(tensor.shape), op=op)
     return tensor
 '''
 
@@ -185,10 +187,14 @@ def test_horovod_wiring_with_a_stand_in(same_volume_records, horovod_standin, tm
     assert calls[0] == {"call": "init"}
     (broadcast,) = [c for c in calls if c["call"] == "broadcast_variables"]
     assert broadcast["root_rank"] == 0 and broadcast["count"] > 100  # model and optimizer state
-    reduced = [c for c in calls if c["call"] == "allreduce"]
+    reduced = [c for c in calls if c["call"] == "allreduce" and c["op"] is None]
     # One per trainable variable of UNet3D, in the traced step: 22 convolution blocks (kernel,
     # bias, scale, offset), 5 up-convolutions (kernel, bias), the output convolution.
     assert len(reduced) == 22 * 4 + 5 * 2 + 2
     assert reduced[0]["shape"] == [3, 3, 3, 4, 32]
     train_steps = [json.loads(l)["step"] for l in open(out / "logs" / "log.json") if '"train"' in l]
     assert train_steps == [1, 2]  # size 2: max_steps 4 divided by the workers
+    # The workers agree on a stop (loops/stopping.py) every AGREE_EVERY steps and after the last
+    # one (step 2 here): the largest signal number any of them received, by Horovod's all-reduce.
+    agreed = [c for c in calls if c["call"] == "allreduce" and c["op"] == "max"]
+    assert agreed == [{"call": "allreduce", "shape": [], "op": "max"}]

@@ -117,6 +117,22 @@ def test_workers_read_disjoint_shards(tmp_path):
     assert len(seen[0]) == len(seen[1]) == 4 and not seen[0] & seen[1]
 
 
+def test_one_process_of_two_devices_joins_the_streams_of_two_workers(tmp_path):
+    # Batch i of a process feeding two devices is batch i of worker 0 then batch i of worker 1
+    # (of one device each), from any step on: the data does not depend on the layout.
+    data = small_dataset(tmp_path / "d", n_files=6, per_file=2)
+    for start in (0, 3):
+        joined = BratsData(data, 2, fold=0, num_folds=3, seed=5, worker_id=0, num_workers=2,
+                           local_streams=2).train_dataset(start)
+        workers = [BratsData(data, 1, fold=0, num_folds=3, seed=5, worker_id=k,
+                             num_workers=2).train_dataset(start) for k in range(2)]
+        for (x, y), *parts in zip(joined.take(4), *(w.take(4) for w in workers)):
+            for key in x:
+                np.testing.assert_array_equal(x[key], np.concatenate([p[0][key] for p in parts]))
+            np.testing.assert_array_equal(y, np.concatenate([p[1] for p in parts]))
+        assert not np.array_equal(parts[0][0]["image"], parts[1][0]["image"])
+
+
 def hand_volume():
     d, h, w = 6, 5, 4
     x = np.arange(d * h * w * 2, dtype=np.float32).reshape(d, h, w, 2) + 1
