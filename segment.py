@@ -15,7 +15,6 @@ The modules imported from the tool (dataset/brats_nifti.py, dataset/msd.py,
 loops/window_layout.py) need NumPy, nibabel and SimpleITK alone.
 """
 import argparse
-import hashlib
 import itertools
 import json
 import os
@@ -23,6 +22,7 @@ import sys
 
 import numpy as np
 
+from common.checksums import sha256
 from common.errors import UserError
 
 METADATA = "metadata.json"
@@ -51,14 +51,6 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_export(folder):
     """metadata.json of an export folder, after checking that every file it lists is there with
     its SHA-256; a UserError names the first file that is not."""
@@ -80,7 +72,7 @@ def read_export(folder):
         file_path = os.path.join(folder, name)
         if not os.path.isfile(file_path):
             raise UserError(f"{file_path}: missing from the export; export the model again")
-        if _sha256(file_path) != digest:
+        if sha256(file_path) != digest:
             raise UserError(f"{file_path}: its SHA-256 differs from metadata.json's (damaged or "
                             "changed); export the model again")
     return metadata

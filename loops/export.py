@@ -4,13 +4,13 @@ resampling, labels, sliding-window defaults) and a SHA-256 of every exported fil
 
 segment.py (at the top of the repository) reads such a folder with ONNX Runtime alone.
 """
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 import warnings
 
+from common.checksums import sha256
 from common.errors import UserError
 from common.version import VERSION
 from dataset.brats_nifti import CLIP_FRACTION
@@ -28,15 +28,6 @@ INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
 REPRODUCES = {"unet3d": "main.py --exec_mode predict --sliding_window --save_nifti",
               "vnet": "main.py --model vnet --exec_mode predict --save_nifti"}
-
-
-def sha256(path):
-    """The hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_hashes(folder):

@@ -114,7 +114,7 @@ def test_saved_model_and_onnx_match_keras(network, shape, request):
 
 
 def test_metadata(unet, vnet):
-    from loops.export import sha256
+    from common.checksums import sha256
     with open(os.path.join(unet["export"], "metadata.json")) as handle:
         meta = json.load(handle)
     assert meta["input"]["channels"] == ["t1", "t1ce", "t2", "flair"]
