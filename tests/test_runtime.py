@@ -180,7 +180,7 @@ def test_bad_input_gives_one_line_errors(records, tmp_path, capsys):
 
     one = tmp_path / "one"  # one record file and the default five folds: fold 0 has nothing to train
     one.mkdir()
-    first = sorted(os.listdir(records))[0]
+    first = sorted(f for f in os.listdir(records) if f.endswith(".tfrecord"))[0]
     (one / first).write_bytes(open(os.path.join(records, first), "rb").read())
     result = run_cli("--data_dir", str(one), "--model_dir", str(tmp_path / "one_run"), "--log_dir",
                      str(tmp_path / "one_logs"), "-d", "fp32", "--exec_mode", "train_and_evaluate")
