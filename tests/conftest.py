@@ -71,6 +71,15 @@ def assert_one_line_error(result, text):
     assert len(lines) == 1 and text in lines[0], result.stderr
 
 
+def checkpoint_weights(model_dir):
+    """(step, arrays) of the newest checkpoint in `model_dir`; its stored step must match its name."""
+    from loops import checkpoint
+    step, path = checkpoint.latest_checkpoint(str(model_dir))
+    arrays, stored = checkpoint.load(path)
+    assert stored == step
+    return step, arrays
+
+
 def unet3d_flags(records, out, *extra):
     """UNet3D's command line on `records` into out/model and out/logs: batch 2, fp32, 3 folds,
     seed 3, a log line every step; `extra` flags last."""

@@ -9,9 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from loops import checkpoint
 from main import main
-from tests.conftest import ROOT, assert_one_line_error, free_ports, main_here
+from tests.conftest import checkpoint_weights as weights, ROOT, assert_one_line_error, free_ports, main_here
 
 # The tests that launch several processes run on one test worker (pytest -n 2 --dist loadgroup), one
 # after another: their reference runs (session fixtures) are then made once, and two launches of
@@ -42,10 +41,6 @@ def launch_tf_config(records, out, n=2, steps=2 * STEPS, extra=()):
     return procs
 
 
-def weights(model_dir):
-    step, path = checkpoint.latest_checkpoint(model_dir)
-    with np.load(path) as data:
-        return step, [data[k] for k in sorted(data.files) if k != "step"]
 
 
 @pytest.fixture(scope="session")

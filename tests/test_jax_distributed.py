@@ -11,9 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from loops import checkpoint
 from setup.cluster import JAX_HEARTBEAT_TIMEOUT_S
-from tests.conftest import ROOT, free_ports
+from tests.conftest import checkpoint_weights as weights, ROOT, free_ports
 
 # The tests that launch several processes run on one test worker (pytest -n 2 --dist loadgroup), one
 # after another: their reference runs (session fixtures) are then made once, and two launches of
@@ -39,11 +38,6 @@ def jax_flags(records, out, max_steps=8, *extra, mode="train"):
             *extra]
 
 
-def weights(model_dir):
-    step, path = checkpoint.latest_checkpoint(str(model_dir))
-    arrays, stored_step = checkpoint.load(path)
-    assert stored_step == step
-    return step, arrays
 
 
 @pytest.fixture(scope="session")

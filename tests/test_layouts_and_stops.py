@@ -16,7 +16,7 @@ import pytest
 
 from loops import checkpoint
 from loops.stopping import AGREE_EVERY
-from tests.conftest import ROOT, free_ports, phantom_records
+from tests.conftest import checkpoint_weights as weights, ROOT, free_ports, phantom_records
 
 pytestmark = pytest.mark.xdist_group("processes")  # one launch of several processes at a time
 
@@ -46,11 +46,6 @@ def flags(records, out, steps, *extra, backend="jax"):
             "--backend", backend, *extra]
 
 
-def weights(model_dir):
-    step, path = checkpoint.latest_checkpoint(str(model_dir))
-    arrays, stored = checkpoint.load(path)
-    assert stored == step
-    return step, arrays
 
 
 def assert_same(out, reference, bound=1e-5):

@@ -13,7 +13,8 @@ import pytest
 
 from loops import checkpoint
 from main import main
-from tests.conftest import ROOT, assert_one_line_error, main_here, phantom_records
+from tests.conftest import (ROOT, assert_one_line_error, main_here, phantom_records,
+                            checkpoint_weights as weights_of)
 
 STEPS = 10
 
@@ -30,11 +31,6 @@ def flags(records, out, *extra):
             "--exec_mode", "train", *extra]
 
 
-def weights_of(model_dir):
-    step, path = checkpoint.latest_checkpoint(str(model_dir))
-    arrays, stored = checkpoint.load(path)
-    assert stored == step
-    return step, arrays
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ import pytest
 from main import main
 from loops import checkpoint
 from loops.hooks import benchmark_stats
-from tests.conftest import ROOT, assert_one_line_error, main_here, run_cli, unet3d_flags
+from tests.conftest import (ROOT, assert_one_line_error, main_here, run_cli, unet3d_flags,
+                            checkpoint_weights as weights_of)
 
 METRICS = {"TumorCore", "PeritumoralEdema", "EnhancingTumor", "MeanDice", "WholeTumor"}
 # The tests that use the shared trained run (conftest's unet3d_run) run on one xdist worker.
@@ -35,10 +36,6 @@ def read_log(folder, name="run"):
         return [json.loads(line) for line in handle]
 
 
-def weights_of(model_dir):
-    step, path = checkpoint.latest_checkpoint(model_dir)
-    with np.load(path) as data:
-        return step, [data[k] for k in sorted(data.files) if k != "step"]
 
 
 @TRAINED
