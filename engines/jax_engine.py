@@ -107,11 +107,23 @@ class JaxEngine:
     # ---- state -----------------------------------------------------------------------------------
     def _current_state(self):
         if self.state is None:
-            values = lambda variables: [v.value for v in variables]  # noqa: E731
+            values = lambda variables: [self._replicated_state(v.value) for v in variables]  # noqa: E731
             self.state = (values(self.model.trainable_variables),
                           values(self.model.non_trainable_variables),
                           values(self.optimizer.variables))
         return self.state
+
+    def _replicated_state(self, value):
+        """A variable's value as the compiled steps take it: with several processes, one array
+        replicated on every device of every process, made from this process's copy. Every
+        process holds the same values (one seed; a checkpoint broadcast from process 0), so this
+        skips device_put's comparison of each variable between the processes."""
+        if jax.process_count() == 1 or (isinstance(value, jax.Array) and not value.is_fully_addressable):
+            return value
+        local = np.asarray(value)
+        everywhere = jax.sharding.NamedSharding(self.distribution.device_mesh.backend_mesh,
+                                                jax.sharding.PartitionSpec())
+        return jax.make_array_from_callback(local.shape, everywhere, lambda index: local[index])
 
     def commit(self):
         """Write the training state back into the Keras variables (for checkpoints and inference)."""

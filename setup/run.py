@@ -185,8 +185,12 @@ def build(settings, machine, task, data):
 
         from engines.jax_engine import JaxEngine
         distribution = keras.distribution.DataParallel() if cluster.num_replicas > 1 else None
-        keras.distribution.set_distribution(distribution)
+        # Several processes make their variables on their own devices and the engine joins them
+        # into replicated arrays (engines/jax_engine.py, `_replicated_state`): under a global
+        # distribution, Keras would compare every variable between the processes.
+        keras.distribution.set_distribution(None if cluster.broadcasts else distribution)
         model, optimizer = _model_and_optimizer(settings, task, data)
+        keras.distribution.set_distribution(distribution)
         engine = JaxEngine(model, optimizer, loss_fn, metrics_fn, distribution, finish_batch)
         return model, optimizer, engine
 

@@ -8,7 +8,8 @@ earns its seconds:
   (`msd_phantom`), records of one volume (`same_volume_records`);
 - run the tool in this process (`main_here`, or `main.main`) unless the test is about the process
   itself (exit on a signal, several processes): a subprocess imports TensorFlow again;
-- tiny volumes (32³), 1-4 steps, float64 only where float32 cannot tell the answer.
+- tiny volumes (32³), 1-4 steps, float64 only where float32 cannot tell the answer;
+- give a JAX subprocess `jax_env`: it shares one compilation cache.
 Session fixtures are made once per xdist worker. Tests that launch several processes carry
 `pytest.mark.xdist_group("processes")` (one worker runs them in turn); tests that use
 `unet3d_run` carry `pytest.mark.xdist_group("unet3d_run")`, so that it is trained once.
@@ -151,6 +152,17 @@ def same_volume_records(tmp_path_factory):
     for k in range(6):
         shutil.copy(path, root / "records" / f"volume-{k}.tfrecord")
     return str(root / "records")
+
+
+@pytest.fixture(scope="session")
+def jax_env(tmp_path_factory):
+    """The environment of a JAX subprocess on CPU, with one compilation cache for this test
+    worker's JAX runs that keeps every program, however quickly it compiled: a run after the first
+    loads the model's initializers and the training step instead of compiling them again."""
+    return {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu",
+            "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
 def free_ports(n):

@@ -1,16 +1,22 @@
-"""Many workers on localhost (CPU): tf.distribute through TF_CONFIG and mpirun, a lost worker, Horovod."""
+"""Many workers on localhost (CPU): tf.distribute through TF_CONFIG and mpirun, a lost worker, a
+SIGTERM to one worker that stops both and resumes exactly, Horovod."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
 
+from loops import checkpoint
+from loops.stopping import AGREE_EVERY
 from main import main
-from tests.conftest import checkpoint_weights as weights, ROOT, assert_one_line_error, free_ports, main_here
+from tests.conftest import (checkpoint_weights as weights, ROOT, assert_one_line_error, free_ports,
+                            main_here, phantom_records)
 
 # The tests that launch several processes run on one test worker (pytest -n 2 --dist loadgroup), one
 # after another: their reference runs (session fixtures) are then made once, and two launches of
@@ -28,17 +34,19 @@ def train_flags(records, out, batch, steps, *extra):
             "--max_steps", str(steps), *extra]
 
 
-def launch_tf_config(records, out, n=2, steps=2 * STEPS, extra=()):
+def tf_config_envs(n):
+    """The environments of n workers on localhost, joined through TF_CONFIG."""
     ports = free_ports(n)
-    procs = []
-    for index in range(n):
-        config = {"cluster": {"worker": [f"localhost:{p}" for p in ports]},
-                  "task": {"type": "worker", "index": index}}
-        env = {**os.environ, "TF_CONFIG": json.dumps(config)}
-        procs.append(subprocess.Popen([sys.executable, *train_flags(records, out, 1, steps, *extra)],
-                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    return procs
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    return [{**env, "TF_CONFIG": json.dumps({"cluster": {"worker": [f"localhost:{p}" for p in ports]},
+                                              "task": {"type": "worker", "index": index}})}
+            for index in range(n)]
+
+
+def launch_tf_config(records, out, n=2, steps=2 * STEPS, extra=()):
+    return [subprocess.Popen([sys.executable, *train_flags(records, out, 1, steps, *extra)], cwd=ROOT,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for env in tf_config_envs(n)]
 
 
 
@@ -118,6 +126,78 @@ def test_a_dead_worker_stops_the_others(same_volume_records, tmp_path):
     assert "Traceback" not in stderr
     errors = [line for line in stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "lost contact with the other workers" in errors[0], stderr
+
+
+STOP_STEPS = 6  # past a stop agreement (AGREE_EVERY), so that the resumed pair has steps to go
+STOP_BOUND_S = 120  # README.md, Reliability: every worker exits within this after the signal
+
+
+def stop_pair(records, out, *extra):
+    """Two TF_CONFIG workers of batch 1 on `records` (augmented) for STOP_STEPS steps, their stderr
+    in out/stderr<i>.txt."""
+    os.makedirs(out, exist_ok=True)
+    argv = [*train_flags(records, out, 1, 2 * STOP_STEPS, *extra)]
+    argv.remove("--no-augment")
+    procs = []
+    for index, env in enumerate(tf_config_envs(2)):
+        with open(out / f"stderr{index}.txt", "w") as err:
+            procs.append(subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, text=True,
+                                          stdout=subprocess.PIPE, stderr=err))
+    return procs
+
+
+def finish(procs, out):
+    for proc in procs:
+        proc.communicate(timeout=1200)
+        assert proc.returncode == 0, open(out / "stderr0.txt").read()[-3000:]
+
+
+def stop_one(procs, out, victim):
+    """SIGTERM to procs[victim] once worker 0 has logged a training step; every worker must then
+    exit 143 within STOP_BOUND_S. Returns each one's lines from main.py."""
+    def drain(proc, seen):
+        for line in proc.stdout:
+            if line.startswith("train step "):
+                seen.set()
+
+    seen = [threading.Event() for _ in procs]
+    for proc, event in zip(procs, seen):
+        threading.Thread(target=drain, args=(proc, event), daemon=True).start()
+    try:
+        assert seen[0].wait(1200), open(out / "stderr0.txt").read()[-3000:]
+        procs[victim].send_signal(signal.SIGTERM)
+        sent = time.time()
+        for proc in procs:
+            proc.wait(timeout=STOP_BOUND_S)
+        assert time.time() - sent < STOP_BOUND_S
+    finally:
+        for proc in procs:
+            proc.kill()
+    lines = [[line for line in open(out / f"stderr{i}.txt").read().splitlines()
+              if line.startswith("main.py:")] for i in range(len(procs))]
+    assert [proc.returncode for proc in procs] == [143, 143], lines
+    return lines
+
+
+def test_sigterm_to_one_worker_stops_both_and_the_pair_resumes_exactly(tmp_path_factory, tmp_path):
+    distinct = phantom_records(str(tmp_path_factory.mktemp("distinct")), 6, (32, 32, 32), seed=7)
+    finish(stop_pair(distinct, tmp_path / "uninterrupted"), tmp_path / "uninterrupted")
+    out = tmp_path / "stopped"
+    (chief,), (other,) = stop_one(stop_pair(distinct, out), out, victim=1)
+    found = re.search(r"worker 0 of 2: stopped by SIGTERM after training step (\d+); checkpoint of "
+                      r"step (\d+) written in ", chief)
+    assert found and found.group(1) == found.group(2), (chief, other)
+    step = int(found.group(1))
+    assert f"worker 1 of 2: stopped by SIGTERM after training step {step}; worker 0 writes" in other
+    assert step in (AGREE_EVERY, STOP_STEPS)  # signalled after step 1: the next agreement
+    assert [s for s, _ in checkpoint.list_checkpoints(str(out / "model"))] == [step]
+    assert sorted(os.listdir(out / "model")) == [".lock", "checkpoints", "settings.json"]
+
+    finish(stop_pair(distinct, out, "--resume_training"), out)
+    (step, resumed), (ref_step, uninterrupted) = weights(out / "model"), weights(tmp_path / "uninterrupted" / "model")
+    assert step == ref_step == STOP_STEPS
+    for a, b in zip(resumed, uninterrupted):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
 HOROVOD_STANDIN = '''

@@ -19,9 +19,6 @@ from engines.jax_engine import prefetch_to_device
 from setup.xla_flags import prefer_channels_last_convolutions
 from tests.conftest import ROOT, assert_one_line_error, run_cli
 
-JAX_ENV = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
-
-
 JAX_GRADIENTS = """
 import sys
 import jax, keras, numpy as np
@@ -40,7 +37,7 @@ np.savez(sys.argv[2], loss=np.asarray(loss), **{f"g{i}": np.asarray(g) for i, g 
 """
 
 
-def loss_and_gradients_on_both_backends(tmp_path, dtype):
+def loss_and_gradients_on_both_backends(tmp_path, dtype, jax_env):
     """(loss, gradients, variable paths) from TensorFlow here and from JAX in a subprocess."""
     import keras
     keras.mixed_precision.set_dtype_policy(dtype)
@@ -58,7 +55,7 @@ def loss_and_gradients_on_both_backends(tmp_path, dtype):
         keras.mixed_precision.set_dtype_policy("float32")
     script = tmp_path / "jax_grads.py"
     script.write_text(JAX_GRADIENTS)
-    env = {**JAX_ENV, "PYTHONPATH": ROOT, "JAX_ENABLE_X64": "1" if dtype == "float64" else "0"}
+    env = {**jax_env, "PYTHONPATH": ROOT, "JAX_ENABLE_X64": "1" if dtype == "float64" else "0"}
     result = subprocess.run([sys.executable, str(script), str(tmp_path / "inputs.npz"),
                              str(tmp_path / "jax.npz"), dtype], env=env, capture_output=True, text=True,
                             timeout=600)
@@ -67,12 +64,12 @@ def loss_and_gradients_on_both_backends(tmp_path, dtype):
     return (float(loss), grads), (float(out["loss"]), [out[f"g{i}"] for i in range(len(grads))]), paths
 
 
-def test_jax_and_tensorflow_agree_on_loss_and_gradients(tmp_path):
+def test_jax_and_tensorflow_agree_on_loss_and_gradients(tmp_path, jax_env):
     # In float64, so that the comparison is of the two backends' mathematics: in float32 the
     # gradients of the deepest layers, whose instance norms see only a few voxels (2 at this
     # 64×32×32 input), amplify rounding to ~1e-2 relative on either backend alone (measured at
     # 64×64×32; float64 agrees to ~1e-9).
-    (tf_loss, tf_grads), (jax_loss, jax_grads), paths = loss_and_gradients_on_both_backends(tmp_path, "float64")
+    (tf_loss, tf_grads), (jax_loss, jax_grads), paths = loss_and_gradients_on_both_backends(tmp_path, "float64", jax_env)
     assert jax_loss == pytest.approx(tf_loss, rel=1e-4)
     scale = max(np.linalg.norm(g) for g in tf_grads)
     compared = 0
@@ -105,14 +102,14 @@ def venv_without_tensorflow(path):
     return python
 
 
-def test_synthetic_benchmark_on_jax_runs_without_tensorflow_installed(tmp_path):
+def test_synthetic_benchmark_on_jax_runs_without_tensorflow_installed(tmp_path, jax_env):
     python = venv_without_tensorflow(tmp_path / "venv")
     missing = subprocess.run([python, "-c", "import tensorflow"], capture_output=True, text=True)
     assert missing.returncode != 0 and "No module named 'tensorflow'" in missing.stderr
     result = subprocess.run([python, "main.py", "--synth_data", "--benchmark", "--exec_mode", "predict",
                              "--batch_size", "1", "--warmup_steps", "1", "-d", "fp32",
                              "--model_dir", str(tmp_path / "m"), "--log_dir", str(tmp_path / "l")],
-                            cwd=ROOT, env=JAX_ENV, capture_output=True, text=True, timeout=600)
+                            cwd=ROOT, env=jax_env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "throughput_predict" in result.stdout and "Latency_predict 99%" in result.stdout
 
@@ -150,8 +147,8 @@ def test_xla_is_asked_for_channels_last_convolutions_unless_the_user_chose_a_lay
         assert prefer_channels_last_convolutions({"XLA_FLAGS": chosen}) == chosen
 
 
-def test_tf_config_with_the_jax_backend_is_a_one_line_error(tmp_path):
-    env = {**JAX_ENV, "TF_CONFIG": json.dumps({"cluster": {"worker": ["localhost:1", "localhost:2"]},
+def test_tf_config_with_the_jax_backend_is_a_one_line_error(tmp_path, jax_env):
+    env = {**jax_env, "TF_CONFIG": json.dumps({"cluster": {"worker": ["localhost:1", "localhost:2"]},
                                                "task": {"type": "worker", "index": 0}})}
     result = run_cli("--synth_data", "--exec_mode", "train", "--model_dir", str(tmp_path / "m"),
                      "--log_dir", str(tmp_path / "l"), env=env, timeout=120)

@@ -1,125 +1,139 @@
-"""The JAX backend on several CPU devices: one process with two, and two processes on localhost
-(gloo collectives) under mpirun and with the coordinator flags, and a lost process. (TF_CONFIG
-with the JAX backend, one process: test_jax.py.)"""
+"""The JAX backend on several CPU devices: one process with two devices and two processes on
+localhost (gloo collectives, under mpirun and with the coordinator flags) read the same global
+batches of distinct volumes and end with the same weights; a killed process stops the other, a
+SIGTERM to one stops both after the same step with one checkpoint, and each resumes exactly, the
+SIGTERM's under the other layout. (TF_CONFIG with the JAX backend, one process: test_jax.py.)"""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
 
+from loops import checkpoint
+from loops.stopping import AGREE_EVERY
 from setup.cluster import JAX_HEARTBEAT_TIMEOUT_S
-from tests.conftest import checkpoint_weights as weights, ROOT, free_ports
+from tests.conftest import checkpoint_weights as weights, ROOT, free_ports, phantom_records
 
 # The tests that launch several processes run on one test worker (pytest -n 2 --dist loadgroup), one
-# after another: their reference runs (session fixtures) are then made once, and two launches of
+# after another: their reference run (a module fixture) is then made once, and two launches of
 # several processes do not share the 2 cores of a CI machine.
 pytestmark = pytest.mark.xdist_group("processes")
 
 MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
+MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+STEPS = 6  # of a global batch of 2 (one volume a device): past a stop agreement (AGREE_EVERY)
+TWO_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+STOP_BOUND_S = 120  # README.md, Reliability: every worker exits within this after the signal
 
 
-@pytest.fixture(scope="session")
-def jax_env(tmp_path_factory):
-    """JAX on CPU, with a compilation cache that the runs of two processes share: each run after
-    the first loads the compiled training step instead of compiling it again."""
-    return {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu",
-            "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache"))}
+@pytest.fixture(scope="module")
+def distinct(tmp_path_factory):
+    """Six distinct 32³ phantom volumes, one a record file: with six folds, five training files
+    and one validation volume, a batch that two devices cannot split evenly."""
+    return phantom_records(str(tmp_path_factory.mktemp("distinct")), 6, (32, 32, 32), seed=7)
 
 
-def jax_flags(records, out, max_steps=8, *extra, mode="train"):
-    """Batch 1 per device: with two devices in all, max_steps 8 is 4 steps of a global batch of 2."""
+def jax_flags(records, out, *extra, mode="train"):
+    """Batch 1 per device: with two devices in all, max_steps 2·STEPS is STEPS global steps."""
     return ["main.py", "--data_dir", records, "--model_dir", str(out / "model"), "--log_dir",
-            str(out / "logs"), "--batch_size", "1", "-d", "fp32", "--num_folds", "3", "--seed", "3",
-            "--log_every", "1", "--no-augment", "--exec_mode", mode, "--max_steps", str(max_steps),
-            *extra]
+            str(out / "logs"), "--batch_size", "1", "-d", "fp32", "--num_folds", "6", "--seed", "3",
+            "--log_every", "1", "--exec_mode", mode, "--max_steps", str(2 * STEPS), *extra]
 
 
-
-
-@pytest.fixture(scope="session")
-def two_devices(same_volume_records, jax_env, tmp_path_factory):
-    """The output folder of 4 training steps and an evaluation by one process with two CPU devices
-    (two stand-ins for two GPUs, which share each batch). With six folds the validation set is a
-    single volume, a batch that cannot be split in two. Every record file holds the same volume, so
-    the training batches are those of the processes' runs with three folds."""
-    out = tmp_path_factory.mktemp("two_devices")
-    env = {**jax_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    result = subprocess.run([sys.executable, *jax_flags(same_volume_records, out, 8, "--num_folds", "6",
-                                                        mode="train_and_evaluate")],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+def one_process(env, records, out, *extra, mode="train"):
+    """One JAX process with two CPU devices (two stand-ins for two GPUs, which share each batch)."""
+    result = subprocess.run([sys.executable, *jax_flags(records, out, *extra, mode=mode)], cwd=ROOT,
+                            env={**env, **TWO_DEVICES}, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def two_devices(distinct, jax_env, tmp_path_factory):
+    """The output folder of STEPS training steps and an evaluation by one process with two devices."""
+    out = tmp_path_factory.mktemp("two_devices")
+    one_process(jax_env, distinct, out, mode="train_and_evaluate")
     return out
 
 
 def test_one_process_with_two_devices_trains_and_evaluates(two_devices):
     log = [json.loads(line) for line in open(two_devices / "logs" / "log.json")]
     train = [e for e in log if e["type"] == "train"]
-    assert [e["step"] for e in train] == [1, 2, 3, 4]  # the samples of 8 steps, 2 per step
+    assert [e["step"] for e in train] == list(range(1, STEPS + 1))  # 2·STEPS samples, 2 a step
     assert all(np.isfinite(e["data"]["loss"]) for e in train)
     (evaluation,) = [e["data"] for e in log if e["type"] == "eval"]
     assert set(evaluation) == {"TumorCore", "PeritumoralEdema", "EnhancingTumor", "MeanDice", "WholeTumor"}
     assert all(0 <= v <= 1 for v in evaluation.values())
 
 
-def assert_same_as_two_devices(out, two_devices):
-    """Both processes hold the same weights (bit for bit), those of one process with two devices
-    (to 1e-5), after 4 steps."""
-    step0, w0 = weights(out / "model" / "worker_0")
-    step1, w1 = weights(out / "model" / "worker_1")
-    step, reference = weights(two_devices / "model")
-    assert step0 == step1 == step == 4
+def assert_same(model_dir, two_devices):
+    """The checkpoint in `model_dir` holds the weights of one process with two devices (to 1e-5)
+    after STEPS steps."""
+    (step, found), (ref_step, reference) = weights(model_dir), weights(two_devices / "model")
+    assert step == ref_step == STEPS
+    assert len(found) == len(reference)
+    for a, b in zip(found, reference):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def assert_workers_agree(out, two_devices):
+    """Both processes hold the same weights (bit for bit), those of one process with two devices."""
+    (_, w0), (_, w1) = weights(out / "model" / "worker_0"), weights(out / "model" / "worker_1")
     for a, b in zip(w0, w1):
         np.testing.assert_array_equal(a, b)
-    assert len(w0) == len(reference)
-    for a, b in zip(w0, reference):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    assert_same(out / "model" / "worker_0", two_devices)
 
 
 def log_of(out, worker):
     return [json.loads(line) for line in open(out / "logs" / f"worker_{worker}" / "log.json")]
 
 
-def test_two_processes_under_mpirun(same_volume_records, jax_env, two_devices, tmp_path):
-    env = {**jax_env, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+def test_two_processes_under_mpirun_read_the_batches_of_one_process_with_two_devices(
+        distinct, jax_env, two_devices, tmp_path):
     result = subprocess.run([MPIRUN, "-np", "2", "--oversubscribe", sys.executable,
-                             *jax_flags(same_volume_records, tmp_path, 8, "--log_all_workers",
-                                        mode="train_and_predict")],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                             *jax_flags(distinct, tmp_path, "--log_all_workers", mode="train_and_predict")],
+                            cwd=ROOT, env={**jax_env, **MPI_ENV}, capture_output=True, text=True,
+                            timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_same_as_two_devices(tmp_path, two_devices)
-    assert [e["step"] for e in log_of(tmp_path, 0) if e["type"] == "train"] == [1, 2, 3, 4]
-    # Process 0 alone predicts the two validation volumes (fold 0 of 3), on its own device.
+    assert_workers_agree(tmp_path, two_devices)
+    assert [e["step"] for e in log_of(tmp_path, 0) if e["type"] == "train"] == list(range(1, STEPS + 1))
+    # Process 0 alone predicts the validation volume (fold 0 of 6), on its own device.
     masks = {w: sorted(f for f in os.listdir(tmp_path / "model" / f"worker_{w}") if f.endswith(".npy"))
              for w in (0, 1)}
-    assert masks == {0: ["vol_0.npy", "vol_1.npy"], 1: []}
+    assert masks == {0: ["vol_0.npy"], 1: []}
     mask = np.load(tmp_path / "model" / "worker_0" / "vol_0.npy")
     assert mask.shape == (32, 32, 32) and mask.dtype == np.int8
 
 
-def launch(env, records, out, max_steps, *extra, mode="train"):
-    """Two background processes joined by the coordinator flags, process 0 first."""
+def coordinated(env, records, out, *extra, mode="train", stderr_dir=None):
+    """Two background processes joined by the coordinator flags, process 0 first; their stderr
+    goes to stderr_dir/stderr<i>.txt when given, else to a pipe."""
     (port,) = free_ports(1)
-    return [subprocess.Popen([sys.executable, *jax_flags(records, out, max_steps, *extra, mode=mode),
-                              "--coordinator_address", f"localhost:{port}", "--num_processes", "2",
-                              "--process_id", str(index)],
-                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
-            for index in range(2)]
+    procs = []
+    for index in range(2):
+        err = open(stderr_dir / f"stderr{index}.txt", "w") if stderr_dir else subprocess.PIPE
+        procs.append(subprocess.Popen([sys.executable, *jax_flags(records, out, *extra, mode=mode),
+                                       "--coordinator_address", f"localhost:{port}", "--num_processes",
+                                       "2", "--process_id", str(index)],
+                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True))
+        if stderr_dir:
+            err.close()
+    return procs
 
 
-def test_coordinator_flags_a_killed_process_and_a_resume(same_volume_records, jax_env, two_devices,
-                                                         tmp_path):
+def test_coordinator_flags_a_killed_process_and_a_resume(distinct, jax_env, two_devices, tmp_path):
     # Two processes with the coordinator flags train with a checkpoint every 2 steps; once
     # process 0 has saved step 2, process 1 is killed: process 0 stops with one line, at once.
-    chief, other = launch(jax_env, same_volume_records, tmp_path, 4000, "--log_all_workers",
-                          "--ckpt_every", "2")
+    chief, other = coordinated(jax_env, distinct, tmp_path, "--log_all_workers", "--ckpt_every", "2",
+                               "--max_steps", "4000")
     saved = tmp_path / "model" / "worker_0" / "checkpoints" / "ckpt-2.npz"
     try:
-        deadline = time.time() + 400
+        deadline = time.time() + 600
         while time.time() < deadline and not saved.exists() and chief.poll() is None:
             time.sleep(0.2)
         assert saved.exists(), chief.communicate()[1][-3000:]
@@ -136,14 +150,66 @@ def test_coordinator_flags_a_killed_process_and_a_resume(same_volume_records, ja
     assert len(errors) == 1 and "lost contact with the other workers" in errors[0], stderr
 
     # Both started again with --resume_training: process 0 broadcasts its checkpoint (weights,
-    # Adam's state, step 2), the two steps to step 4 end where 4 uninterrupted steps of one
-    # process with two devices do, and process 0 alone evaluates while process 1 waits for it.
-    procs = launch(jax_env, same_volume_records, tmp_path, 8, "--log_all_workers", "--resume_training",
-                   mode="train_and_evaluate")
-    outputs = [proc.communicate(timeout=600) for proc in procs]
+    # Adam's state, the data streams, step 2), the steps to STEPS end where STEPS uninterrupted
+    # steps of one process with two devices do, and process 0 alone evaluates while process 1
+    # waits for it.
+    procs = coordinated(jax_env, distinct, tmp_path, "--log_all_workers", "--resume_training",
+                        mode="train_and_evaluate")
+    outputs = [proc.communicate(timeout=1200) for proc in procs]
     for proc, (_, stderr) in zip(procs, outputs):
         assert proc.returncode == 0, stderr[-3000:]
     assert "resuming from the checkpoint of process 0 at step 2" in outputs[1][0]
-    assert_same_as_two_devices(tmp_path, two_devices)
-    assert [e["step"] for e in log_of(tmp_path, 0) if e["type"] == "train"][-2:] == [3, 4]
+    assert_workers_agree(tmp_path, two_devices)
+    assert [e["step"] for e in log_of(tmp_path, 0) if e["type"] == "train"][-(STEPS - 2):] == \
+        list(range(3, STEPS + 1))
     assert [len([e for e in log_of(tmp_path, w) if e["type"] == "eval"]) for w in (0, 1)] == [1, 0]
+
+
+def stop_one(procs, stderr_dir, victim):
+    """SIGTERM to procs[victim] once process 0 has logged a training step; every process must
+    then exit 143 within STOP_BOUND_S. Returns each one's lines from main.py."""
+    def drain(proc, seen):
+        for line in proc.stdout:
+            if line.startswith("train step "):
+                seen.set()
+
+    seen = [threading.Event() for _ in procs]
+    for proc, event in zip(procs, seen):
+        threading.Thread(target=drain, args=(proc, event), daemon=True).start()
+    try:
+        assert seen[0].wait(1200), open(stderr_dir / "stderr0.txt").read()[-3000:]
+        procs[victim].send_signal(signal.SIGTERM)
+        sent = time.time()
+        for proc in procs:
+            proc.wait(timeout=STOP_BOUND_S)
+        assert time.time() - sent < STOP_BOUND_S
+    finally:
+        for proc in procs:
+            proc.kill()
+    lines = [[line for line in open(stderr_dir / f"stderr{i}.txt").read().splitlines()
+              if line.startswith("main.py:")] for i in range(len(procs))]
+    assert [proc.returncode for proc in procs] == [143, 143], lines
+    return lines
+
+
+def assert_one_stop(lines, model_dir):
+    """Both workers stopped after the same step; worker 0 wrote the one checkpoint."""
+    (chief,), (other,) = lines
+    found = re.search(r"worker 0 of 2: stopped by SIGTERM after training step (\d+); checkpoint of "
+                      r"step (\d+) written in ", chief)
+    assert found and found.group(1) == found.group(2), lines
+    step = int(found.group(1))
+    assert f"worker 1 of 2: stopped by SIGTERM after training step {step}; worker 0 writes" in other
+    assert step in (AGREE_EVERY, STEPS)  # signalled after step 1: the next agreement
+    assert [s for s, _ in checkpoint.list_checkpoints(str(model_dir))] == [step]
+    assert sorted(os.listdir(model_dir)) == [".lock", "checkpoints", "settings.json"]
+    return step
+
+
+def test_sigterm_to_one_process_stops_both_and_they_resume_under_the_other_layout(
+        distinct, jax_env, two_devices, tmp_path):
+    procs = coordinated(jax_env, distinct, tmp_path, stderr_dir=tmp_path)
+    assert_one_stop(stop_one(procs, tmp_path, victim=1), tmp_path / "model")
+    # Stopped as two processes of one device, resumed as one process of two: the same batches.
+    one_process(jax_env, distinct, tmp_path, "--resume_training")
+    assert_same(tmp_path / "model", two_devices)

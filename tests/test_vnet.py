@@ -126,11 +126,10 @@ def test_every_mode_and_nifti_geometry(task, tmp_path):
         assert "train" in kinds and ("eval" in kinds) == (mode == "train_and_evaluate")
 
 
-def test_training_and_evaluation_on_the_jax_backend(task, tmp_path):
+def test_training_and_evaluation_on_the_jax_backend(task, tmp_path, jax_env):
     # Prediction runs the same engine step on either network: tests/test_jax.py covers it.
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
     result = run_cli("--backend", "jax", *vnet_flags(task, tmp_path, "--exec_mode", "train_and_evaluate",
-                                                     "--seed", "0", "--train_epochs", "1"), env=env, timeout=600)
+                                                     "--seed", "0", "--train_epochs", "1"), env=jax_env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     log = read_log(tmp_path)
     losses = [e["data"]["loss"] for e in log if e["type"] == "train"]
