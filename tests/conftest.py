@@ -165,6 +165,41 @@ def jax_env(tmp_path_factory):
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
+STOP_BOUND_S = 120  # README.md, Reliability: every worker exits within this after the signal
+
+
+def stop_one(procs, stderr_dir, victim):
+    """SIGTERM to procs[victim] once process 0 has logged a training step on its stdout (a pipe);
+    every process must then exit 143 within STOP_BOUND_S. Their stderr is in
+    stderr_dir/stderr<i>.txt; returns each one's lines from main.py."""
+    import signal
+    import threading
+    import time
+
+    def drain(proc, seen):
+        for line in proc.stdout:
+            if line.startswith("train step "):
+                seen.set()
+
+    seen = [threading.Event() for _ in procs]
+    for proc, event in zip(procs, seen):
+        threading.Thread(target=drain, args=(proc, event), daemon=True).start()
+    try:
+        assert seen[0].wait(1200), open(stderr_dir / "stderr0.txt").read()[-3000:]
+        procs[victim].send_signal(signal.SIGTERM)
+        sent = time.time()
+        for proc in procs:
+            proc.wait(timeout=STOP_BOUND_S)
+        assert time.time() - sent < STOP_BOUND_S
+    finally:
+        for proc in procs:
+            proc.kill()
+    lines = [[line for line in open(stderr_dir / f"stderr{i}.txt").read().splitlines()
+              if line.startswith("main.py:")] for i in range(len(procs))]
+    assert [proc.returncode for proc in procs] == [143, 143], lines
+    return lines
+
+
 def free_ports(n):
     """`n` TCP ports of localhost that were free a moment ago."""
     sockets = [socket.socket() for _ in range(n)]

@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -18,7 +17,7 @@ import pytest
 from loops import checkpoint
 from loops.stopping import AGREE_EVERY
 from setup.cluster import JAX_HEARTBEAT_TIMEOUT_S
-from tests.conftest import checkpoint_weights as weights, ROOT, free_ports, phantom_records
+from tests.conftest import checkpoint_weights as weights, ROOT, free_ports, phantom_records, stop_one
 
 # The tests that launch several processes run on one test worker (pytest -n 2 --dist loadgroup), one
 # after another: their reference run (a module fixture) is then made once, and two launches of
@@ -29,7 +28,6 @@ MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 STEPS = 6  # of a global batch of 2 (one volume a device): past a stop agreement (AGREE_EVERY)
 TWO_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-STOP_BOUND_S = 120  # README.md, Reliability: every worker exits within this after the signal
 
 
 @pytest.fixture(scope="module")
@@ -163,33 +161,6 @@ def test_coordinator_flags_a_killed_process_and_a_resume(distinct, jax_env, two_
     assert [e["step"] for e in log_of(tmp_path, 0) if e["type"] == "train"][-(STEPS - 2):] == \
         list(range(3, STEPS + 1))
     assert [len([e for e in log_of(tmp_path, w) if e["type"] == "eval"]) for w in (0, 1)] == [1, 0]
-
-
-def stop_one(procs, stderr_dir, victim):
-    """SIGTERM to procs[victim] once process 0 has logged a training step; every process must
-    then exit 143 within STOP_BOUND_S. Returns each one's lines from main.py."""
-    def drain(proc, seen):
-        for line in proc.stdout:
-            if line.startswith("train step "):
-                seen.set()
-
-    seen = [threading.Event() for _ in procs]
-    for proc, event in zip(procs, seen):
-        threading.Thread(target=drain, args=(proc, event), daemon=True).start()
-    try:
-        assert seen[0].wait(1200), open(stderr_dir / "stderr0.txt").read()[-3000:]
-        procs[victim].send_signal(signal.SIGTERM)
-        sent = time.time()
-        for proc in procs:
-            proc.wait(timeout=STOP_BOUND_S)
-        assert time.time() - sent < STOP_BOUND_S
-    finally:
-        for proc in procs:
-            proc.kill()
-    lines = [[line for line in open(stderr_dir / f"stderr{i}.txt").read().splitlines()
-              if line.startswith("main.py:")] for i in range(len(procs))]
-    assert [proc.returncode for proc in procs] == [143, 143], lines
-    return lines
 
 
 def assert_one_stop(lines, model_dir):
