@@ -8,6 +8,7 @@ that nothing changes later.
 import os
 import random
 import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -66,6 +67,22 @@ def seed_everything(seed, backend, tf):
         tf.random.set_seed(seed)
     if backend == "tensorflow":
         tf.config.experimental.enable_op_determinism()
+        _one_op_at_a_time_on_cpu(tf)
+
+
+def _one_op_at_a_time_on_cpu(tf):
+    """On CPU, TensorFlow's gradients through the normalization layers part in the last bits when
+    other ops run beside them (op determinism does not cover it; V-Net's batch normalization shows
+    it within a few steps), so a seeded run there runs one op at a time, each op on every core.
+    TensorFlow takes this only before it starts: a run inside a process that already used it
+    (a test's in-process run) keeps that process's threading, with a warning."""
+    if tf.config.list_physical_devices("GPU") or tf.config.threading.get_inter_op_parallelism_threads() == 1:
+        return
+    try:
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        warnings.warn("--seed: TensorFlow was already running in this process, so its ops may run "
+                      "side by side and the last bits of the losses may differ between runs")
 
 
 def _agreed_seed(seed, cluster):

@@ -13,7 +13,7 @@ from model.losses import soft_dice_per_sample, vnet_dice_loss
 from model.vnet import build_vnet
 from common.errors import UserError
 from tests.conftest import MSD_SPACING as SPACING
-from tests.conftest import assert_one_line_error, main_here, run_cli
+from tests.conftest import assert_one_line_error, checkpoint_weights, main_here, run_cli
 
 
 def conv_params(k, c_in, c_out, norm=True):
@@ -124,6 +124,26 @@ def test_every_mode_and_nifti_geometry(task, tmp_path):
         assert main(vnet_flags(task, tmp_path, "--exec_mode", mode, name=mode)) == 0
         kinds = {e["type"] for e in read_log(tmp_path, mode)}
         assert "train" in kinds and ("eval" in kinds) == (mode == "train_and_evaluate")
+
+
+def test_seeded_runs_repeat_their_losses_and_weights(task, tmp_path):
+    # Fresh processes: a seeded run on CPU sets TensorFlow's threading before TensorFlow starts,
+    # which a run inside this test process (TensorFlow long started) cannot.
+    runs = []
+    for name in ("first", "second"):
+        # Batch 8 of 32³ (a batch 2 of 32×32×16 repeated without the fix); one convolution a block.
+        result = run_cli(*vnet_flags(task, tmp_path, "--exec_mode", "train", "--seed", "0",
+                                     "--batch_size", "8", "--input_shape", "32", "32", "32",
+                                     "--downscale_blocks", "1", "1", "1", "--upscale_blocks", "1", "1",
+                                     "--train_epochs", "8", "--log_every", "1", name=name))
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses = [e["data"]["loss"] for e in read_log(tmp_path, name) if e["type"] == "train"]
+        runs.append((losses, checkpoint_weights(tmp_path / name / "model")))
+    (losses, (step, weights)), (again, (step_again, weights_again)) = runs
+    assert len(losses) == 8 and losses == again
+    assert step == step_again == 8
+    for a, b in zip(weights, weights_again):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_training_and_evaluation_on_the_jax_backend(task, tmp_path, jax_env):
