@@ -10,7 +10,9 @@ Evaluation and prediction run on this process's devices alone, on local copies o
 variables, so that process 0 evaluates and predicts while the others have finished.
 Training batches are copied to the devices by a background thread, ahead of the step that uses
 them, so the copy overlaps the previous step. Several processes agree on a stop (`agree`) through
-an all-gather of one number (jax.experimental.multihost_utils).
+an all-gather of one number (jax.experimental.multihost_utils). Several processes compile the
+training step ahead of its first run and meet at a barrier (common/jax_barrier.py) before running
+it: one that compiles more slowly must not keep the others inside the step's first all-reduce.
 """
 import os
 import queue
@@ -18,6 +20,8 @@ import threading
 
 import jax
 import numpy as np
+
+from common.jax_barrier import wait_for_every_jax_process
 
 PREFETCH_DEPTH = 2
 
@@ -76,6 +80,7 @@ class JaxEngine:
         self._local_copy = jax.sharding.NamedSharding(local_mesh, jax.sharding.PartitionSpec())
         self.weights_in_use = None
         self._train = jax.jit(self._train_step, donate_argnums=0)
+        self._train_compiled = False
         self._eval = jax.jit(self._eval_step)
         self._predict = jax.jit(self._predict_step)
 
@@ -221,7 +226,12 @@ class JaxEngine:
 
     def train_step(self, x, y):
         """One optimizer step on a batch; returns the loss (a device scalar, not synced)."""
-        self.state, loss = self._train(self._current_state(), *self._inputs(x, y))
+        state, inputs = self._current_state(), self._inputs(x, y)
+        if not self._train_compiled and self.several_workers:
+            self._train.lower(state, *inputs).compile()  # the jitted step then runs this program
+            wait_for_every_jax_process("training step compiled")
+        self._train_compiled = True
+        self.state, loss = self._train(state, *inputs)
         self._local_state = None
         return loss
 

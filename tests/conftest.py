@@ -185,7 +185,12 @@ def stop_one(procs, stderr_dir, victim):
     for proc, event in zip(procs, seen):
         threading.Thread(target=drain, args=(proc, event), daemon=True).start()
     try:
-        assert seen[0].wait(1200), open(stderr_dir / "stderr0.txt").read()[-3000:]
+        deadline = time.time() + 1200
+        while not seen[0].wait(1) and time.time() < deadline:
+            if any(proc.poll() is not None for proc in procs):
+                break  # a process ended before training: its stderr says why
+        assert seen[0].wait(5), [open(stderr_dir / f"stderr{i}.txt").read()[-3000:]
+                                  for i in range(len(procs))]
         procs[victim].send_signal(signal.SIGTERM)
         sent = time.time()
         for proc in procs:
