@@ -15,7 +15,7 @@ from loops import checkpoint
 from loops.stopping import AGREE_EVERY
 from main import main
 from tests.conftest import (checkpoint_weights as weights, ROOT, assert_one_line_error, free_ports,
-                            main_here, phantom_records, stop_one)
+                            main_here, stop_one)
 
 # The tests that launch several processes run on one test worker (pytest -n 2 --dist loadgroup), one
 # after another: their reference runs (session fixtures) are then made once, and two launches of
@@ -150,11 +150,10 @@ def finish(procs, out):
         assert proc.returncode == 0, open(out / "stderr0.txt").read()[-3000:]
 
 
-def test_sigterm_to_one_worker_stops_both_and_the_pair_resumes_exactly(tmp_path_factory, tmp_path):
-    distinct = phantom_records(str(tmp_path_factory.mktemp("distinct")), 6, (32, 32, 32), seed=7)
-    finish(stop_pair(distinct, tmp_path / "uninterrupted"), tmp_path / "uninterrupted")
+def test_sigterm_to_one_worker_stops_both_and_the_pair_resumes_exactly(distinct_records, tmp_path):
+    finish(stop_pair(distinct_records, tmp_path / "uninterrupted"), tmp_path / "uninterrupted")
     out = tmp_path / "stopped"
-    (chief,), (other,) = stop_one(stop_pair(distinct, out), out, victim=1)
+    (chief,), (other,) = stop_one(stop_pair(distinct_records, out), out, victim=1)
     found = re.search(r"worker 0 of 2: stopped by SIGTERM after training step (\d+); checkpoint of "
                       r"step (\d+) written in ", chief)
     assert found and found.group(1) == found.group(2), (chief, other)
@@ -164,7 +163,7 @@ def test_sigterm_to_one_worker_stops_both_and_the_pair_resumes_exactly(tmp_path_
     assert [s for s, _ in checkpoint.list_checkpoints(str(out / "model"))] == [step]
     assert sorted(os.listdir(out / "model")) == [".lock", "checkpoints", "settings.json"]
 
-    finish(stop_pair(distinct, out, "--resume_training"), out)
+    finish(stop_pair(distinct_records, out, "--resume_training"), out)
     (step, resumed) = weights(out / "model")
     (ref_step, uninterrupted) = weights(tmp_path / "uninterrupted" / "model")
     assert step == ref_step == STOP_STEPS

@@ -17,7 +17,7 @@ import pytest
 from loops import checkpoint
 from loops.stopping import AGREE_EVERY
 from setup.cluster import JAX_HEARTBEAT_TIMEOUT_S
-from tests.conftest import checkpoint_weights as weights, ROOT, free_ports, phantom_records, stop_one
+from tests.conftest import checkpoint_weights as weights, ROOT, free_ports, stop_one
 
 # The tests that launch several processes run on one test worker (pytest -n 2 --dist loadgroup), one
 # after another: their reference run (a module fixture) is then made once, and two launches of
@@ -28,13 +28,6 @@ MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 STEPS = 6  # of a global batch of 2 (one volume a device): past a stop agreement (AGREE_EVERY)
 TWO_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-
-
-@pytest.fixture(scope="module")
-def distinct(tmp_path_factory):
-    """Six distinct 32³ phantom volumes, one a record file: with six folds, five training files
-    and one validation volume, a batch that two devices cannot split evenly."""
-    return phantom_records(str(tmp_path_factory.mktemp("distinct")), 6, (32, 32, 32), seed=7)
 
 
 def jax_flags(records, out, *extra, mode="train"):
@@ -52,10 +45,10 @@ def one_process(env, records, out, *extra, mode="train"):
 
 
 @pytest.fixture(scope="module")
-def two_devices(distinct, jax_env, tmp_path_factory):
+def two_devices(distinct_records, jax_env, tmp_path_factory):
     """The output folder of STEPS training steps and an evaluation by one process with two devices."""
     out = tmp_path_factory.mktemp("two_devices")
-    one_process(jax_env, distinct, out, mode="train_and_evaluate")
+    one_process(jax_env, distinct_records, out, mode="train_and_evaluate")
     return out
 
 
@@ -92,9 +85,10 @@ def log_of(out, worker):
 
 
 def test_two_processes_under_mpirun_read_the_batches_of_one_process_with_two_devices(
-        distinct, jax_env, two_devices, tmp_path):
+        distinct_records, jax_env, two_devices, tmp_path):
     result = subprocess.run([MPIRUN, "-np", "2", "--oversubscribe", sys.executable,
-                             *jax_flags(distinct, tmp_path, "--log_all_workers", mode="train_and_predict")],
+                             *jax_flags(distinct_records, tmp_path, "--log_all_workers",
+                                        mode="train_and_predict")],
                             cwd=ROOT, env={**jax_env, **MPI_ENV}, capture_output=True, text=True,
                             timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -124,11 +118,12 @@ def coordinated(env, records, out, *extra, mode="train", stderr_dir=None):
     return procs
 
 
-def test_coordinator_flags_a_killed_process_and_a_resume(distinct, jax_env, two_devices, tmp_path):
+def test_coordinator_flags_a_killed_process_and_a_resume(distinct_records, jax_env, two_devices,
+                                                          tmp_path):
     # Two processes with the coordinator flags train with a checkpoint every 2 steps; once
     # process 0 has saved step 2, process 1 is killed: process 0 stops with one line, at once.
-    chief, other = coordinated(jax_env, distinct, tmp_path, "--log_all_workers", "--ckpt_every", "2",
-                               "--max_steps", "4000")
+    chief, other = coordinated(jax_env, distinct_records, tmp_path, "--log_all_workers",
+                               "--ckpt_every", "2", "--max_steps", "4000")
     saved = tmp_path / "model" / "worker_0" / "checkpoints" / "ckpt-2.npz"
     try:
         deadline = time.time() + 600
@@ -151,7 +146,7 @@ def test_coordinator_flags_a_killed_process_and_a_resume(distinct, jax_env, two_
     # Adam's state, the data streams, step 2), the steps to STEPS end where STEPS uninterrupted
     # steps of one process with two devices do, and process 0 alone evaluates while process 1
     # waits for it.
-    procs = coordinated(jax_env, distinct, tmp_path, "--log_all_workers", "--resume_training",
+    procs = coordinated(jax_env, distinct_records, tmp_path, "--log_all_workers", "--resume_training",
                         mode="train_and_evaluate")
     outputs = [proc.communicate(timeout=1200) for proc in procs]
     for proc, (_, stderr) in zip(procs, outputs):
@@ -178,9 +173,9 @@ def assert_one_stop(lines, model_dir):
 
 
 def test_sigterm_to_one_process_stops_both_and_they_resume_under_the_other_layout(
-        distinct, jax_env, two_devices, tmp_path):
-    procs = coordinated(jax_env, distinct, tmp_path, stderr_dir=tmp_path)
+        distinct_records, jax_env, two_devices, tmp_path):
+    procs = coordinated(jax_env, distinct_records, tmp_path, stderr_dir=tmp_path)
     assert_one_stop(stop_one(procs, tmp_path, victim=1), tmp_path / "model")
     # Stopped as two processes of one device, resumed as one process of two: the same batches.
-    one_process(jax_env, distinct, tmp_path, "--resume_training")
+    one_process(jax_env, distinct_records, tmp_path, "--resume_training")
     assert_same(tmp_path / "model", two_devices)
