@@ -5,6 +5,10 @@ multi-device or multi-worker strategy each step runs on every replica through `s
 the optimizer all-reduces the gradients. With Horovod, `all_reduce` averages them instead.
 Several workers agree on a stop (`agree`): an all-gather of a number across the strategy's
 replicas, or Horovod's `agree_across`.
+
+Every step is traced without AutoGraph, as Keras' own steps are: the model, losses and inference
+functions are written with keras.ops and hold no Python control flow on tensors (JAX traces the
+same code), so AutoGraph's conversion would only add to the time before the first step.
 """
 from common.quiet_import import import_tensorflow
 
@@ -26,9 +30,11 @@ class TFEngine:
         self.all_reduce, self.agree_across = all_reduce, agree_across
         self._agree = None
         self.use_xla = use_xla
-        self._train = tf.function(self._replica_train_step, jit_compile=use_xla)
-        self._eval = tf.function(self._eval_step, jit_compile=use_xla, reduce_retracing=True)
-        self._predict = tf.function(self._predict_step, jit_compile=use_xla, reduce_retracing=True)
+        self._train = tf.function(self._replica_train_step, jit_compile=use_xla, autograph=False)
+        self._eval = tf.function(self._eval_step, jit_compile=use_xla, reduce_retracing=True,
+                                 autograph=False)
+        self._predict = tf.function(self._predict_step, jit_compile=use_xla, reduce_retracing=True,
+                                    autograph=False)
 
     def _replica_train_step(self, x, y):
         tf = self.tf
@@ -86,7 +92,8 @@ class TFEngine:
                 gathered = tf.distribute.get_replica_context().all_gather(v[None], axis=0)
                 return tf.reduce_max(gathered)
 
-            self._agree = tf.function(lambda v: self.strategy.run(largest, args=(v,)))
+            self._agree = tf.function(lambda v: self.strategy.run(largest, args=(v,)),
+                                      autograph=False)
         result = self._agree(tf.constant(value, tf.int32))
         return int(self.strategy.experimental_local_results(result)[0].numpy())
 
@@ -115,7 +122,8 @@ class TFEngine:
         `forward(x)` is the model's inference. `donate` is accepted for the engines' common
         interface; TensorFlow manages the buffers itself."""
         forward = lambda x: self.model(x, training=False)  # noqa: E731
-        return self.tf.function(lambda *args: fn(forward, *args), jit_compile=self.use_xla)
+        return self.tf.function(lambda *args: fn(forward, *args), jit_compile=self.use_xla,
+                                autograph=False)
 
     def snapshot(self):
         """The model's weights now (NumPy copies), as a handle for `use_weights` (ensembles)."""
@@ -133,7 +141,7 @@ class TFEngine:
         graph = self._train.get_concrete_function(x, y).graph.as_graph_def()
         with open(os.path.join(out_dir, "train_step_graph.pbtxt"), "w") as handle:
             handle.write(str(graph))
-        compiled = tf.function(self._replica_train_step, jit_compile=True)
+        compiled = tf.function(self._replica_train_step, jit_compile=True, autograph=False)
         with open(os.path.join(out_dir, "train_step.hlo.txt"), "w") as handle:
             handle.write(compiled.experimental_get_compiler_ir(x, y)(stage="hlo"))
 
