@@ -1,8 +1,8 @@
 """The JAX backend on several CPU devices: one process with two devices and two processes on
 localhost (gloo collectives, under mpirun and with the coordinator flags) read the same global
-batches of distinct volumes and end with the same weights; a killed process stops the other, a
-SIGTERM to one stops both after the same step with one checkpoint, and each resumes exactly, the
-SIGTERM's under the other layout. (TF_CONFIG with the JAX backend, one process: test_jax.py.)"""
+batches of distinct volumes and end with the same weights; a SIGTERM to one stops both after the
+same step with one checkpoint, a killed process stops the other, and each resumes exactly, the
+kill's under the other layout. (TF_CONFIG with the JAX backend, one process: test_jax.py.)"""
 import json
 import os
 import re
@@ -118,46 +118,6 @@ def coordinated(env, records, out, *extra, mode="train", stderr_dir=None):
     return procs
 
 
-def test_coordinator_flags_a_killed_process_and_a_resume(distinct_records, jax_env, two_devices,
-                                                          tmp_path):
-    # Two processes with the coordinator flags train with a checkpoint every 2 steps; once
-    # process 0 has saved step 2, process 1 is killed: process 0 stops with one line, at once.
-    chief, other = coordinated(jax_env, distinct_records, tmp_path, "--log_all_workers",
-                               "--ckpt_every", "2", "--max_steps", "4000")
-    saved = tmp_path / "model" / "worker_0" / "checkpoints" / "ckpt-2.npz"
-    try:
-        deadline = time.time() + 600
-        while time.time() < deadline and not saved.exists() and chief.poll() is None:
-            time.sleep(0.2)
-        assert saved.exists(), chief.communicate()[1][-3000:]
-        other.send_signal(signal.SIGKILL)
-        killed = time.time()
-        _, stderr = chief.communicate(timeout=JAX_HEARTBEAT_TIMEOUT_S + 60)
-        assert time.time() - killed < JAX_HEARTBEAT_TIMEOUT_S
-    finally:
-        for proc in (chief, other):
-            proc.kill()
-    assert chief.returncode == 1
-    assert "Traceback" not in stderr and "Check failure" not in stderr, stderr
-    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and "lost contact with the other workers" in errors[0], stderr
-
-    # Both started again with --resume_training: process 0 broadcasts its checkpoint (weights,
-    # Adam's state, the data streams, step 2), the steps to STEPS end where STEPS uninterrupted
-    # steps of one process with two devices do, and process 0 alone evaluates while process 1
-    # waits for it.
-    procs = coordinated(jax_env, distinct_records, tmp_path, "--log_all_workers", "--resume_training",
-                        mode="train_and_evaluate")
-    outputs = [proc.communicate(timeout=1200) for proc in procs]
-    for proc, (_, stderr) in zip(procs, outputs):
-        assert proc.returncode == 0, stderr[-3000:]
-    assert "resuming from the checkpoint of process 0 at step 2" in outputs[1][0]
-    assert_workers_agree(tmp_path, two_devices)
-    assert [e["step"] for e in log_of(tmp_path, 0) if e["type"] == "train"][-(STEPS - 2):] == \
-        list(range(3, STEPS + 1))
-    assert [len([e for e in log_of(tmp_path, w) if e["type"] == "eval"]) for w in (0, 1)] == [1, 0]
-
-
 def assert_one_stop(lines, model_dir):
     """Both workers stopped after the same step; worker 0 wrote the one checkpoint."""
     (chief,), (other,) = lines
@@ -172,10 +132,46 @@ def assert_one_stop(lines, model_dir):
     return step
 
 
-def test_sigterm_to_one_process_stops_both_and_they_resume_under_the_other_layout(
+def test_a_sigterm_stops_both_a_killed_process_stops_the_other_and_each_resumes(
         distinct_records, jax_env, two_devices, tmp_path):
+    # One chain of launches in one model_dir (each launch of two processes costs a minute on 2
+    # cores). 1. Two processes with the coordinator flags; a SIGTERM to process 1 after the first
+    # step stops both at the next agreement, with one checkpoint.
     procs = coordinated(jax_env, distinct_records, tmp_path, stderr_dir=tmp_path)
-    assert_one_stop(stop_one(procs, tmp_path, victim=1), tmp_path / "model")
-    # Stopped as two processes of one device, resumed as one process of two: the same batches.
-    one_process(jax_env, distinct_records, tmp_path, "--resume_training")
+    stopped = assert_one_stop(stop_one(procs, tmp_path, victim=1), tmp_path / "model")
+    assert stopped == AGREE_EVERY < STEPS  # signalled after step 1, a stop 3 steps later
+
+    # 2. Both resume from it (process 0 broadcasts its checkpoint: weights, Adam's state, the data
+    # streams, the step) with a checkpoint every step; once process 0 has saved the next step,
+    # process 1 is killed: process 0 stops with one line, at once.
+    chief, other = coordinated(jax_env, distinct_records, tmp_path, "--resume_training",
+                               "--ckpt_every", "1", "--max_steps", "4000")
+    saved = tmp_path / "model" / "checkpoints" / f"ckpt-{stopped + 1}.npz"
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and not saved.exists() and chief.poll() is None:
+            time.sleep(0.2)
+        assert saved.exists(), chief.communicate()[1][-3000:]
+        other.send_signal(signal.SIGKILL)
+        killed = time.time()
+        _, stderr = chief.communicate(timeout=JAX_HEARTBEAT_TIMEOUT_S + 60)
+        assert time.time() - killed < JAX_HEARTBEAT_TIMEOUT_S
+        resumed, _ = other.communicate(timeout=60)
+    finally:
+        for proc in (chief, other):
+            proc.kill()
+    assert chief.returncode == 1
+    assert "Traceback" not in stderr and "Check failure" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "lost contact with the other workers" in errors[0], stderr
+    assert f"resuming from the checkpoint of process 0 at step {stopped}" in resumed
+
+    # 3. Stopped as two processes of one device, resumed as one process of two: the same batches,
+    # so the steps to STEPS end where STEPS uninterrupted steps of one process with two devices
+    # do; then it evaluates.
+    one_process(jax_env, distinct_records, tmp_path, "--resume_training", mode="train_and_evaluate")
     assert_same(tmp_path / "model", two_devices)
+    log = [json.loads(line) for line in open(tmp_path / "logs" / "log.json")]
+    assert [e["step"] for e in log if e["type"] == "train"][-(STEPS - stopped - 1):] == \
+        list(range(stopped + 2, STEPS + 1))
+    assert len([e for e in log if e["type"] == "eval"]) == 1
