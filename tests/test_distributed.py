@@ -94,17 +94,6 @@ def test_two_workers_with_tf_config(same_volume_records, single_worker, tmp_path
     assert_matches_single_worker(single_worker, out)
 
 
-def test_two_workers_with_mpirun(same_volume_records, single_worker, tmp_path):
-    out = tmp_path / "mpi"
-    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-    env.pop("TF_CONFIG", None)
-    result = subprocess.run([MPIRUN, "-np", "2", "--oversubscribe", sys.executable,
-                             *train_flags(same_volume_records, out, 1, 2 * STEPS, "--log_all_workers")],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert_matches_single_worker(single_worker, out)
-
-
 def test_a_dead_worker_stops_the_others(same_volume_records, tmp_path):
     out = tmp_path / "dead"
     chief, other = launch_tf_config(same_volume_records, out, steps=2000)
@@ -150,8 +139,35 @@ def finish(procs, out):
         assert proc.returncode == 0, open(out / "stderr0.txt").read()[-3000:]
 
 
-def test_sigterm_to_one_worker_stops_both_and_the_pair_resumes_exactly(distinct_records, tmp_path):
-    finish(stop_pair(distinct_records, tmp_path / "uninterrupted"), tmp_path / "uninterrupted")
+@pytest.fixture(scope="module")
+def mpirun_pair(distinct_records, tmp_path_factory):
+    """The output folder of two workers under mpirun (each with its own model_dir and log) for
+    STOP_STEPS augmented steps of distinct volumes: the uninterrupted run of the SIGTERM test."""
+    out = tmp_path_factory.mktemp("mpi")
+    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    env.pop("TF_CONFIG", None)
+    argv = train_flags(distinct_records, out, 1, 2 * STOP_STEPS, "--log_all_workers")
+    argv.remove("--no-augment")
+    result = subprocess.run([MPIRUN, "-np", "2", "--oversubscribe", sys.executable, *argv], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_two_workers_with_mpirun(mpirun_pair):
+    step0, w0 = weights(str(mpirun_pair / "model" / "worker_0"))
+    step1, w1 = weights(str(mpirun_pair / "model" / "worker_1"))
+    assert step0 == step1 == STOP_STEPS  # max_steps 2 * STOP_STEPS divided among 2 workers
+    for a, b in zip(w0, w1):  # the replicas are mirrored: bit for bit the same
+        np.testing.assert_array_equal(a, b)
+    logs = [json.loads(line) for line in open(mpirun_pair / "logs" / "worker_1" / "log.json")]
+    assert [e["step"] for e in logs if e["type"] == "train"] == list(range(1, STOP_STEPS + 1))
+    # That they trained together, on the batches of a TF_CONFIG pair, is shown by the SIGTERM test:
+    # a TF_CONFIG pair stopped and resumed ends on these weights.
+
+
+def test_sigterm_to_one_worker_stops_both_and_the_pair_resumes_exactly(distinct_records, mpirun_pair,
+                                                                       tmp_path):
     out = tmp_path / "stopped"
     (chief,), (other,) = stop_one(stop_pair(distinct_records, out), out, victim=1)
     found = re.search(r"worker 0 of 2: stopped by SIGTERM after training step (\d+); checkpoint of "
@@ -165,7 +181,7 @@ def test_sigterm_to_one_worker_stops_both_and_the_pair_resumes_exactly(distinct_
 
     finish(stop_pair(distinct_records, out, "--resume_training"), out)
     (step, resumed) = weights(out / "model")
-    (ref_step, uninterrupted) = weights(tmp_path / "uninterrupted" / "model")
+    (ref_step, uninterrupted) = weights(mpirun_pair / "model" / "worker_0")
     assert step == ref_step == STOP_STEPS
     for a, b in zip(resumed, uninterrupted):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
