@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from tests.conftest import ROOT, assert_one_line_error, phantom_records, run_cli
+from tests.conftest import ROOT, assert_one_line_error, main_here, phantom_records
 
 pytestmark = pytest.mark.xdist_group("export")
 
@@ -230,16 +230,16 @@ def test_bad_case(unet, vnet, tmp_path):
     assert open(out, "rb").read() == before
 
 
-def test_export_flag_errors(unet, tmp_path):
+def test_export_flag_errors(unet, tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    result = run_cli("--exec_mode", "export", "--model_dir", unet["model_dir"], "--export_dir",
-                     str(tmp_path / "full"))
+    result = main_here(capsys, "--exec_mode", "export", "--model_dir", unet["model_dir"],
+                       "--export_dir", str(tmp_path / "full"))
     assert_one_line_error(result, "--export_dir")
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
-    assert_one_line_error(run_cli("--exec_mode", "export", "--model_dir", unet["model_dir"]),
+    assert_one_line_error(main_here(capsys, "--exec_mode", "export", "--model_dir", unet["model_dir"]),
                           "--export_dir")
-    result = run_cli("--exec_mode", "export", "--model_dir", str(tmp_path / "untrained"),
-                     "--export_dir", str(tmp_path / "out"))
+    result = main_here(capsys, "--exec_mode", "export", "--model_dir", str(tmp_path / "untrained"),
+                       "--export_dir", str(tmp_path / "out"))
     assert_one_line_error(result, "no checkpoint to export")
     assert not (tmp_path / "out").exists()

@@ -13,16 +13,19 @@ import pytest
 
 from loops import checkpoint
 from main import main
-from tests.conftest import (ROOT, assert_one_line_error, main_here, phantom_records,
-                            checkpoint_weights as weights_of)
+from tests.conftest import ROOT, assert_one_line_error, main_here, checkpoint_weights as weights_of
+
+# One test worker runs this file (pytest -n 2 --dist loadgroup), so that the reference run is made
+# once.
+pytestmark = pytest.mark.xdist_group("reliability")
 
 STEPS = 10
 
 
 @pytest.fixture(scope="module")
-def records(tmp_path_factory):
-    """Six distinct 32³ phantom volumes."""
-    return phantom_records(str(tmp_path_factory.mktemp("phantom")), 6, (32, 32, 32), seed=5)
+def records(unet3d_records):
+    """conftest's six distinct 32³ phantom volumes."""
+    return unet3d_records
 
 
 def flags(records, out, *extra):

@@ -12,7 +12,7 @@ import pytest
 from main import main
 from loops import checkpoint
 from loops.hooks import benchmark_stats
-from tests.conftest import (ROOT, assert_one_line_error, main_here, run_cli, unet3d_flags,
+from tests.conftest import (ROOT, assert_one_line_error, main_here, unet3d_flags,
                             checkpoint_weights as weights_of)
 
 METRICS = {"TumorCore", "PeritumoralEdema", "EnhancingTumor", "MeanDice", "WholeTumor"}
@@ -179,8 +179,9 @@ def test_bad_input_gives_one_line_errors(records, tmp_path, capsys):
     one.mkdir()
     first = sorted(f for f in os.listdir(records) if f.endswith(".tfrecord"))[0]
     (one / first).write_bytes(open(os.path.join(records, first), "rb").read())
-    result = run_cli("--data_dir", str(one), "--model_dir", str(tmp_path / "one_run"), "--log_dir",
-                     str(tmp_path / "one_logs"), "-d", "fp32", "--exec_mode", "train_and_evaluate")
+    result = main_here(capsys, "--data_dir", str(one), "--model_dir", str(tmp_path / "one_run"),
+                       "--log_dir", str(tmp_path / "one_logs"), "-d", "fp32", "--exec_mode",
+                       "train_and_evaluate")
     assert result.returncode == 1
     assert_one_line_error(result, "--num_folds 5: only 1 record files for 5 folds, so fold 0 leaves "
                                   "no training files")

@@ -8,7 +8,10 @@ import pytest
 
 from common.settings import DataSettings, UNet3DSettings, VNetSettings
 from tasks.base import make_task
-from tests.conftest import assert_one_line_error, main_here, run_cli
+from tests.conftest import assert_one_line_error, main_here
+
+# One test worker runs this file (pytest -n 2 --dist loadgroup), so that its two runs are made once.
+pytestmark = pytest.mark.xdist_group("settings")
 
 
 @pytest.fixture(scope="module")
@@ -72,15 +75,15 @@ def test_the_saved_settings_bind_evaluate(records, trained, tmp_path, capsys):
     keras.mixed_precision.set_dtype_policy("float32")
 
 
-def test_a_contradicting_flag_and_a_mixed_ensemble_are_one_line_errors(records, trained):
+def test_a_contradicting_flag_and_a_mixed_ensemble_are_one_line_errors(records, trained, capsys):
     model_dir, _ = trained["groupnorm"]
-    result = run_cli("--exec_mode", "evaluate", "--model_dir", model_dir, "--data_dir", records,
-                     "--num_folds", "3", "--normalization", "batchnorm")
+    result = main_here(capsys, "--exec_mode", "evaluate", "--model_dir", model_dir, "--data_dir",
+                       records, "--num_folds", "3", "--normalization", "batchnorm")
     assert_one_line_error(result, "--normalization: batchnorm contradicts groupnorm")
     assert model_dir in result.stderr and result.returncode == 2
     other, _ = trained["instancenorm"]
-    result = run_cli("--exec_mode", "evaluate", "--model_dir", model_dir, other, "--data_dir",
-                     records, "--num_folds", "3")
+    result = main_here(capsys, "--exec_mode", "evaluate", "--model_dir", model_dir, other,
+                       "--data_dir", records, "--num_folds", "3")
     assert_one_line_error(result, "hold different networks")
     assert model_dir in result.stderr and other in result.stderr
     assert "normalization groupnorm and instancenorm" in result.stderr
