@@ -134,9 +134,9 @@ def assert_one_stop(lines, model_dir):
 
 def test_a_sigterm_stops_both_a_killed_process_stops_the_other_and_each_resumes(
         distinct_records, jax_env, two_devices, tmp_path):
-    # One chain of launches in one model_dir (each launch of two processes costs a minute on 2
-    # cores). 1. Two processes with the coordinator flags; a SIGTERM to process 1 after the first
-    # step stops both at the next agreement, with one checkpoint.
+    # One chain of launches in one model_dir, so that the two stops share their launches.
+    # 1. Two processes with the coordinator flags; a SIGTERM to process 1 after the first step
+    # stops both at the next agreement, with one checkpoint.
     procs = coordinated(jax_env, distinct_records, tmp_path, stderr_dir=tmp_path)
     stopped = assert_one_stop(stop_one(procs, tmp_path, victim=1), tmp_path / "model")
     assert stopped == AGREE_EVERY < STEPS  # signalled after step 1, a stop 3 steps later
