@@ -13,7 +13,8 @@ import pytest
 
 from loops import checkpoint
 from main import main
-from tests.conftest import ROOT, assert_one_line_error, main_here, checkpoint_weights as weights_of
+from tests.conftest import (ROOT, assert_one_line_error, main_here, checkpoint_weights as weights_of,
+                            tiny_vnet_flags)
 
 # One test worker runs this file (pytest -n 2 --dist loadgroup), so that the reference run is made
 # once.
@@ -99,8 +100,10 @@ def test_stops_by_signal_resume_to_the_uninterrupted_weights(records, reference,
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_one_training_run_per_model_dir(records, tmp_path, capsys):
-    argv = flags(records, tmp_path, "--max_steps", "1000")
+def test_one_training_run_per_model_dir(msd_phantom, tmp_path, capsys):
+    # The tool's smallest network: the lock is the same for either.
+    argv = tiny_vnet_flags(msd_phantom, tmp_path, "--exec_mode", "train", "--train_split", "0.8",
+                           "--train_epochs", "1000")
     first = subprocess.Popen([sys.executable, "main.py", *argv], cwd=ROOT, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
@@ -111,11 +114,11 @@ def test_one_training_run_per_model_dir(records, tmp_path, capsys):
         assert_one_line_error(second, f"--model_dir {tmp_path / 'model'}: another training run uses "
                                       f"it (process {first.pid} on host {socket.gethostname()})")
         # Evaluation only reads: it does not need the lock (no checkpoint yet: its own error).
-        assert_one_line_error(main_here(capsys, *argv[:-2], "--exec_mode", "evaluate"), "no checkpoint")
+        assert_one_line_error(main_here(capsys, *argv, "--exec_mode", "evaluate"), "no checkpoint")
     finally:
         first.kill()  # SIGKILL: the kernel releases the lock
         first.wait()
-    assert main(flags(records, tmp_path, "--max_steps", "1", "--resume_training")) == 0
+    assert main([*argv, "--train_epochs", "1", "--resume_training"]) == 0
 
 
 def in_tmpfs(size, script, tmp_path, timeout=600):
