@@ -91,9 +91,12 @@ def test_resampling_matches_simpleitk(task):
 
 
 def vnet_flags(task, tmp_path, *extra, name="run"):
+    """One convolution a block (the default network is checked layer by layer above and trained
+    end to end by tests/test_export.py)."""
     return ["--model", "vnet", "--data_dir", task, "--model_dir", str(tmp_path / name / "model"),
             "--log_dir", str(tmp_path / name / "logs"), "--batch_size", "2", "--train_split", "0.8",
-            "--input_shape", "32", "32", "16", "--log_every", "2", *extra]
+            "--input_shape", "32", "32", "16", "--downscale_blocks", "1", "1", "1", "--upscale_blocks",
+            "1", "1", "--log_every", "2", *extra]
 
 
 def read_log(tmp_path, name="run"):
@@ -131,10 +134,9 @@ def test_seeded_runs_repeat_their_losses_and_weights(task, tmp_path):
     # which a run inside this test process (TensorFlow long started) cannot.
     runs = []
     for name in ("first", "second"):
-        # Batch 8 of 32³ (a batch 2 of 32×32×16 repeated without the fix); one convolution a block.
+        # Batch 8 of 32³ (a batch 2 of 32×32×16 repeated without the fix).
         result = run_cli(*vnet_flags(task, tmp_path, "--exec_mode", "train", "--seed", "0",
                                      "--batch_size", "8", "--input_shape", "32", "32", "32",
-                                     "--downscale_blocks", "1", "1", "1", "--upscale_blocks", "1", "1",
                                      "--train_epochs", "8", "--log_every", "1", name=name))
         assert result.returncode == 0, result.stderr[-3000:]
         losses = [e["data"]["loss"] for e in read_log(tmp_path, name) if e["type"] == "train"]
