@@ -1,5 +1,10 @@
 """Reliability in one process: stops on SIGTERM, SIGINT and SIGUSR1 that resume exactly, one
-training run per model_dir, and outputs on a full disk (a real tmpfs in a mount namespace)."""
+training run per model_dir, and outputs on a full disk (a real tmpfs in a mount namespace).
+
+The runs train the tool's smallest network (conftest's `tiny_vnet_flags`) on 32³ batches of 8,
+whose steps take long enough for a signal sent after one step to arrive in the next: the stops,
+the lock and the writes are the same code for either network. (UNet3D's resume after a killed
+process: tests/test_runtime.py.)"""
 import os
 import re
 import signal
@@ -24,15 +29,15 @@ STEPS = 10
 
 
 @pytest.fixture(scope="module")
-def records(unet3d_records):
-    """conftest's six distinct 32³ phantom volumes."""
-    return unet3d_records
+def records(msd_phantom):
+    """conftest's MSD phantom: 8 training cases (train_split 0.8) and 3 test images."""
+    return msd_phantom
 
 
 def flags(records, out, *extra):
-    return ["--data_dir", records, "--model_dir", str(out / "model"), "--log_dir", str(out / "logs"),
-            "--batch_size", "2", "-d", "fp32", "--num_folds", "3", "--seed", "3", "--log_every", "1",
-            "--exec_mode", "train", *extra]
+    """Training in 32³ batches of the 8 training cases: one step an epoch."""
+    return tiny_vnet_flags(records, out, "--exec_mode", "train", "--train_split", "0.8", "--batch_size",
+                           "8", "--input_shape", "32", "32", "32", *extra)
 
 
 
@@ -41,7 +46,7 @@ def flags(records, out, *extra):
 def reference(records, tmp_path_factory):
     """An uninterrupted run of STEPS steps (in this process)."""
     out = tmp_path_factory.mktemp("reference")
-    assert main(flags(records, out, "--max_steps", str(STEPS))) == 0
+    assert main(flags(records, out, "--train_epochs", str(STEPS))) == 0
     return out
 
 
@@ -85,7 +90,7 @@ def stop_and_check(argv, at, signum, tmp_path):
 
 
 def test_stops_by_signal_resume_to_the_uninterrupted_weights(records, reference, tmp_path):
-    argv = flags(records, tmp_path, "--max_steps", str(STEPS))
+    argv = flags(records, tmp_path, "--train_epochs", str(STEPS))
     stopped = []
     for target, signum in ((2, signal.SIGTERM), (4, signal.SIGINT), (6, signal.SIGUSR1)):
         at = max([target] + [s + 1 for s in stopped])
@@ -143,7 +148,7 @@ def main_lines(stderr):
 def test_no_room_for_the_next_checkpoint_is_refused_before_the_write(records, reference, tmp_path):
     size = os.path.getsize(checkpoint.latest_checkpoint(str(reference / "model"))[1])
     out = tmp_path / "copy"
-    argv = " ".join(flags(records, tmp_path, "--max_steps", "2", "--ckpt_every", "1",
+    argv = " ".join(flags(records, tmp_path, "--train_epochs", "2", "--ckpt_every", "1",
                           "--model_dir", "$MNT/model"))
     result = in_tmpfs(f"{size * 3 // 2}", f"{sys.executable} main.py {argv}; echo status $?; "
                                           f"cp -a $MNT {out}", tmp_path)
@@ -158,7 +163,7 @@ def test_no_room_for_the_next_checkpoint_is_refused_before_the_write(records, re
 
 
 def test_a_full_disk_in_a_mask_or_a_log_line_leaves_no_partial_file(reference, records, tmp_path):
-    # 40 KiB: room for one 32³ int8 mask (32 KiB and its header), not for two.
+    # 40 KiB: room for one 32³ int8 mask (32 KiB and its header), not for two (of 3 test images).
     predict = " ".join(flags(records, reference, "--exec_mode", "predict", "--output_dir", "$MNT/masks",
                              "--log_dir", str(tmp_path / "logs")))
     # A full file system under log_dir: the evaluation's record cannot be appended to log.json.
@@ -170,8 +175,9 @@ def test_a_full_disk_in_a_mask_or_a_log_line_leaves_no_partial_file(reference, r
     assert result.stdout.count("status 1") == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     mask_error, log_error = main_lines(result.stderr)
-    assert re.search(r"masks/vol_1\.npy: could not be written \(No space left on device\)", mask_error)
-    assert sorted(os.listdir(tmp_path / "masks")) == ["vol_0.npy"]
-    assert np.load(tmp_path / "masks" / "vol_0.npy").shape == (32, 32, 32)
+    assert re.search(r"masks/hippocampus_011\.npy: could not be written \(No space left on device\)",
+                     mask_error)
+    assert sorted(os.listdir(tmp_path / "masks")) == ["hippocampus_010.npy"]
+    assert np.load(tmp_path / "masks" / "hippocampus_010.npy").shape == (32, 32, 32)
     assert re.search(r"logs/log\.json: could not be written \(No space left on device\)", log_error)
     assert result.stdout.strip().endswith("status 1")  # and the log folder is left empty

@@ -79,8 +79,8 @@ def test_every_synthetic_test_image_gets_a_mask_name():
 
 
 def test_resume_continues_and_matches_an_uninterrupted_run(msd_phantom, tmp_path):
-    # On the tool's smallest network (a V-Net); tests/test_reliability.py resumes UNet3D's runs
-    # after signals to the same bound. 8 training cases in batches of 2: 4 steps an epoch.
+    # On the tool's smallest network (a V-Net); UNet3D's resume to the same bound: the SIGKILL test
+    # below. 8 training cases in batches of 2: 4 steps an epoch.
     run = lambda name, *extra: main(tiny_vnet_flags(msd_phantom, tmp_path / name, "--exec_mode", "train",
                                                     "--train_split", "0.8", "--batch_size", "2",
                                                     "--augment", *extra)) == 0
@@ -124,8 +124,11 @@ def test_benchmark_reports_train_and_predict(records, tmp_path):
         assert not [f for f in os.listdir(tmp_path / mode / "model") if f.startswith("vol_")]
 
 
-def test_sigkill_while_saving_resumes_from_the_last_whole_checkpoint(records, tmp_path):
-    argv = flags(records, tmp_path, "--exec_mode", "train", "--max_steps", "50", "--ckpt_every", "1")
+@TRAINED
+def test_sigkill_while_saving_resumes_from_the_last_whole_checkpoint_to_the_uninterrupted_weights(
+        records, unet3d_run, tmp_path):
+    # The flags of the shared unet3d_run (4 steps), with a checkpoint every step.
+    argv = flags(records, tmp_path, "--exec_mode", "train", "--max_steps", "4", "--ckpt_every", "1")
     proc = subprocess.Popen([sys.executable, "main.py", *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     ckpt_dir = tmp_path / "run" / "model" / "checkpoints"
@@ -143,11 +146,18 @@ def test_sigkill_while_saving_resumes_from_the_last_whole_checkpoint(records, tm
         proc.kill()
         proc.wait()
     whole = checkpoint.latest_checkpoint(str(tmp_path / "run" / "model"))
-    assert whole is not None
-    assert main(argv[:-2] + ["--ckpt_every", "0", "--max_steps", str(whole[0] + 1),
-                             "--resume_training"]) == 0
-    steps = [e["step"] for e in read_log(tmp_path) if e["type"] == "train"]
-    assert steps[-1] == whole[0] + 1 and checkpoint.latest_checkpoint(str(tmp_path / "run" / "model"))[0] == whole[0] + 1
+    assert whole is not None and whole[0] < 4
+    assert main(argv + ["--resume_training"]) == 0
+    log = [e for e in read_log(tmp_path) if e["type"] == "train"]
+    assert [e["step"] for e in log][-(4 - whole[0]):] == list(range(whole[0] + 1, 5))
+    (step, resumed), (ref_step, uninterrupted) = weights_of(str(tmp_path / "run" / "model")), \
+        weights_of(str(unet3d_run / "model"))
+    assert step == ref_step == 4
+    for a, b in zip(resumed, uninterrupted):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    reference = [e["data"]["loss"] for e in read_log(unet3d_run, None) if e["type"] == "train"]
+    np.testing.assert_allclose([e["data"]["loss"] for e in log][-(4 - whole[0]):], reference[whole[0]:],
+                               rtol=1e-5)
 
 
 def test_bad_input_gives_one_line_errors(records, tmp_path, capsys):
