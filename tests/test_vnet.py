@@ -123,10 +123,13 @@ def test_every_mode_and_nifti_geometry(task, tmp_path):
         np.testing.assert_allclose(written.GetSpacing(), source.GetSpacing(), rtol=1e-6)
         np.testing.assert_allclose(written.GetOrigin(), source.GetOrigin(), atol=1e-6)
         np.testing.assert_allclose(written.GetDirection(), source.GetDirection(), atol=1e-6)
-    for mode in ("train_and_evaluate", "train_and_predict"):
-        assert main(vnet_flags(task, tmp_path, "--exec_mode", mode, name=mode)) == 0
-        kinds = {e["type"] for e in read_log(tmp_path, mode)}
-        assert "train" in kinds and ("eval" in kinds) == (mode == "train_and_evaluate")
+    assert main(vnet_flags(task, tmp_path, "--exec_mode", "train_and_evaluate", name="chain1")) == 0
+    assert {e["type"] for e in read_log(tmp_path, "chain1")} == {"train", "eval"}
+    assert main(vnet_flags(task, tmp_path, "--exec_mode", "train_and_predict", "--disable_ckpt_saving",
+                           name="chain2")) == 0
+    assert {e["type"] for e in read_log(tmp_path, "chain2")} == {"train"}
+    assert os.path.exists(tmp_path / "chain2" / "model" / "hippocampus_012.npy")
+    assert not os.path.exists(tmp_path / "chain2" / "model" / "checkpoints")
 
 
 def test_seeded_runs_repeat_their_losses_and_weights(task, tmp_path):
