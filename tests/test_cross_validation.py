@@ -29,14 +29,14 @@ def run_script(records, results, *extra, env=None):
 def test_folds_stop_on_failure_resume_and_skip_what_is_done(records, tmp_path):
     # Three folds (a trailing --num_folds; five are the default) keep the launches few.
     results = tmp_path / "results"
-    (results / "fold_1").mkdir(parents=True)
-    (results / "fold_1" / "checkpoints").write_text("a file where a folder belongs")
+    results.mkdir()
+    (results / "fold_1").write_text("a file where the fold's folder belongs")  # fails at the start
     failed = run_script(records, results, "--num_folds", "3")
     assert failed.returncode == 1
     assert "fold 1 failed" in failed.stderr and "run the same command again" in failed.stderr
     assert os.path.exists(results / "fold_0" / "log.json") and not os.path.exists(results / "fold_2")
 
-    os.remove(results / "fold_1" / "checkpoints")
+    os.remove(results / "fold_1")
     finished = run_script(records, results, "--num_folds", "3")
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert finished.stdout.count("already evaluated, skipped") == 1
