@@ -193,8 +193,13 @@ def same_volume_records(tmp_path_factory):
 def jax_env(tmp_path_factory):
     """The environment of a JAX subprocess on CPU, with one compilation cache for this test
     worker's JAX runs that keeps every program, however quickly it compiled: a run after the first
-    loads the model's initializers and the training step instead of compiling them again."""
+    loads the model's initializers and the training step instead of compiling them again.
+    Random bits come from JAX's non-partitionable threefry, which XLA on CPU compiles several
+    times faster for the initializers of a first run (a cold UNet3D build: 30 s against 9 s here);
+    its numbers differ from the default's, and the tests compare JAX runs with each other or with
+    weights they set, never with a default JAX run."""
     return {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu",
+            "JAX_THREEFRY_PARTITIONABLE": "0",
             "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}

@@ -282,7 +282,7 @@ np.savez(sys.argv[2], **out)
 """
 
 
-def test_the_optimizers_compute_the_same_on_jax(tmp_path):
+def test_the_optimizers_compute_the_same_on_jax(tmp_path, jax_env):
     import subprocess
     import sys
     model = small_model()
@@ -290,7 +290,7 @@ def test_the_optimizers_compute_the_same_on_jax(tmp_path):
     grads = gradients(model, 1.0)
     np.savez(tmp_path / "in.npz", n=len(start), lr=LR, **{f"w{i}": w for i, w in enumerate(start)},
              **{f"g{t}_{i}": g for t, step in enumerate(grads) for i, g in enumerate(step)})
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    env = jax_env
     result = subprocess.run([sys.executable, "-c", JAX_STEPS, str(tmp_path / "in.npz"),
                              str(tmp_path / "out.npz")], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=300)

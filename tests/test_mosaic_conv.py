@@ -136,11 +136,11 @@ print("calls", len(calls), "output", relative(y_kernel, y_keras),
 """
 
 
-def test_a_keras_layer_computes_with_the_kernel_as_with_keras():
+def test_a_keras_layer_computes_with_the_kernel_as_with_keras(jax_env):
     """KernelConv3D with the kernel as its implementation, under JAX and a bf16 policy: the same
     output and weight gradients as the same layer on Keras's convolution (a subprocess: the tests
     run Keras on TensorFlow)."""
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    env = jax_env
     result = subprocess.run([sys.executable, "-c", KERAS_LAYER], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -121,8 +121,8 @@ def test_sliding_window_tta_and_ensemble_match_numpy_on_tensorflow():
     check_against_brute_force()
 
 
-def test_sliding_window_tta_and_ensemble_match_numpy_on_jax():
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+def test_sliding_window_tta_and_ensemble_match_numpy_on_jax(jax_env):
+    env = jax_env
     code = "from tests.test_sliding_window import check_against_brute_force as c; c()"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=600)
