@@ -6,6 +6,9 @@ earns its seconds:
 - reuse the session fixtures below instead of writing and training your own: a phantom BraTS set
   (`unet3d_records`), a UNet3D trained on it (`unet3d_run`), an MSD hippocampus phantom
   (`msd_phantom`), records of one volume (`same_volume_records`);
+- what does not depend on the network (processes, signals, resume, locks, hooks, disks) trains the
+  tool's smallest network, `tiny_vnet_flags` on `msd_phantom`: UNet3D's ~30 million weights make
+  each of its runs cost seconds to trace, step and checkpoint;
 - run the tool in this process (`main_here`, or `main.main`) unless the test is about the process
   itself (exit on a signal, several processes): a subprocess imports TensorFlow again;
 - tiny volumes (32³), 1-4 steps, float64 only where float32 cannot tell the answer;
