@@ -12,7 +12,7 @@ import pytest
 from common import run_record
 from common.settings import DataSettings, UNet3DSettings, VNetSettings
 from loops import checkpoint
-from tests.conftest import ROOT, main_here, phantom_records
+from tests.conftest import ROOT, main_here, tiny_vnet_flags
 from model.layers import make_normalization
 from model.losses import ce_loss
 from model.optimizers import UPDATE_RULE, make_optimizer
@@ -227,21 +227,17 @@ def test_group_normalization_epsilon_is_the_references():
 
 
 # ---- the optimizer in the saved settings, and a model_dir of the former rule ---------------------
-@pytest.fixture(scope="module")
-def records(tmp_path_factory):
-    return phantom_records(str(tmp_path_factory.mktemp("fidelity")), 3, (40, 40, 36), seed=4)
-
-
-def test_settings_keep_the_optimizer_and_a_former_model_dir_resumes_with_a_notice(records, tmp_path,
+def test_settings_keep_the_optimizer_and_a_former_model_dir_resumes_with_a_notice(msd_phantom, tmp_path,
                                                                                capsys):
+    # On the tool's smallest network, with Adam: the saved settings are the same for either.
     model_dir = tmp_path / "model"
 
-    def train(steps):
-        """The notice lines of a resumed training run to `steps`."""
-        result = main_here(capsys, "--data_dir", records, "--model_dir", str(model_dir), "--log_dir",
-                           str(tmp_path / "logs"), "--batch_size", "1", "-d", "fp32", "--num_folds",
-                           "3", "--seed", "1", "--exec_mode", "train", "--max_steps", str(steps),
-                           "--resume_training")
+    def train(epochs):
+        """The notice lines of a resumed training run to `epochs` (2 steps each)."""
+        result = main_here(capsys, *tiny_vnet_flags(msd_phantom, tmp_path, "--exec_mode", "train",
+                                                    "--optimizer", "adam", "--train_split", "0.4",
+                                                    "--batch_size", "2", "--train_epochs", str(epochs),
+                                                    "--resume_training"))
         assert result.returncode == 0, result.stderr
         return [line for line in result.stdout.splitlines() if "optimizer state" in line]
 
