@@ -30,21 +30,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 
-def _share_the_cores_among_test_workers():
-    """Under pytest-xdist, TensorFlow here and in the runs started from here uses this worker's
-    share of the cores: with every worker's thread pools as large as the machine, the workers'
-    threads (and those of the several processes a test starts) outnumber the cores and wait on
-    each other. A thread count the environment already sets is kept."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
-    if workers > 0:
-        share = str(max(1, len(os.sched_getaffinity(0)) // workers))
-        os.environ.setdefault("TF_NUM_INTRAOP_THREADS", share)
-        os.environ.setdefault("TF_NUM_INTEROP_THREADS", share)
-
-
-_share_the_cores_among_test_workers()
-
-
 def phantom_records(root, cases, shape, seed):
     """Write `cases` phantom BraTS cases under root/nifti and their TFRecords (one volume per
     file) under root/records; returns the records folder."""
