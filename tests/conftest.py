@@ -154,14 +154,6 @@ def msd_phantom(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def distinct_records(tmp_path_factory):
-    """Six distinct 32³ phantom volumes, one a record file: with six folds, five training files
-    and one validation volume, a batch that two devices cannot split evenly (the multi-process
-    tests of both backends)."""
-    return phantom_records(str(tmp_path_factory.mktemp("distinct")), 6, (32, 32, 32), seed=7)
-
-
-@pytest.fixture(scope="session")
 def same_volume_records(tmp_path_factory):
     """Six record files holding one and the same 32³ volume: with no augmentation every batch of
     every worker is then that volume, whatever the sharding and shuffling, so two workers of batch
