@@ -66,7 +66,7 @@ def main():
             records = os.path.join(tmp, "records")
             preprocess(os.path.join(tmp, "nifti"), records, vol_per_file=1, single_data_dir=True,
                        seed=0, workers=len(available))
-        print(f"| cores | batches shipped | images/s | images/s per core |\n|---|---|---|---|")
+        print("| cores | batches shipped | images/s | images/s per core |\n|---|---|---|---|")
         for n in cores:
             for host_finish in (False, True):
                 cmd = ["taskset", "-c", ",".join(map(str, available[:n])), sys.executable,
