@@ -7,8 +7,8 @@ earns its seconds:
   (`unet3d_records`), a UNet3D trained on it (`unet3d_run`), an MSD hippocampus phantom
   (`msd_phantom`), records of one volume (`same_volume_records`);
 - what does not depend on the network (processes, signals, resume, locks, hooks, disks) trains the
-  tool's smallest network, `tiny_vnet_flags` on `msd_phantom`: UNet3D's ~30 million weights make
-  each of its runs cost seconds to trace, step and checkpoint;
+  tool's smallest network, `tiny_vnet_flags` on `msd_phantom`: UNet3D's 31 million weights make
+  each of its runs slow to trace, step and checkpoint;
 - run the tool in this process (`main_here`, or `main.main`) unless the test is about the process
   itself (exit on a signal, several processes): a subprocess imports TensorFlow again;
 - tiny volumes (32³), 1-4 steps, float64 only where float32 cannot tell the answer;
@@ -18,6 +18,7 @@ Session fixtures are made once per xdist worker. Tests that launch several proce
 `unet3d_run` carry `pytest.mark.xdist_group("unet3d_run")`, so that it is trained once.
 """
 import os
+import re
 import shutil
 import socket
 import sys
@@ -117,8 +118,8 @@ def tiny_vnet_flags(task, out, *extra):
     """The tool's smallest network on the MSD phantom `task`, into out/model and out/logs: a V-Net
     of one convolution a block on a 16³ grid, instance normalization (a sample's numbers do not
     depend on the rest of its batch), fp32, seed 3, a log line every step; `extra` flags last.
-    For what does not depend on the network (processes, signals, resume): its steps take
-    milliseconds and it traces in a fraction of UNet3D's time."""
+    For what does not depend on the network (processes, signals, resume): its steps are short and
+    it traces in a fraction of UNet3D's time."""
     return ["--model", "vnet", "--data_dir", str(task), "--model_dir", str(out / "model"),
             "--log_dir", str(out / "logs"), "--input_shape", "16", "16", "16", "--downscale_blocks",
             "1", "1", "--upscale_blocks", "1", "--normalization_layer", "instancenorm", "-d", "fp32",
@@ -174,9 +175,8 @@ def jax_env(tmp_path_factory):
     """The environment of a JAX subprocess on CPU, with one compilation cache for this test
     worker's JAX runs that keeps every program, however quickly it compiled: a run after the first
     loads the model's initializers and the training step instead of compiling them again.
-    Random bits come from JAX's non-partitionable threefry, which XLA on CPU compiles several
-    times faster for the initializers of a first run (a cold UNet3D build: 30 s against 9 s here);
-    its numbers differ from the default's, and the tests compare JAX runs with each other or with
+    Random bits come from JAX's non-partitionable threefry, which XLA on CPU compiles much faster
+    for the initializers of a first run; its numbers differ from the default's, and the tests compare JAX runs with each other or with
     weights they set, never with a default JAX run."""
     return {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu",
             "JAX_THREEFRY_PARTITIONABLE": "0",
@@ -223,6 +223,25 @@ def stop_one(procs, stderr_dir, victim):
               if line.startswith("main.py:")] for i in range(len(procs))]
     assert [proc.returncode for proc in procs] == [143, 143], lines
     return lines
+
+
+def assert_one_stop(lines, model_dir):
+    """`stop_one`'s `lines` of two workers say that both stopped after the same training step, the
+    next stop agreement or the one after (a signal sent after step 1 may land after the first
+    one: the tiny network's steps are short); worker 0 wrote the one checkpoint, in `model_dir`.
+    Returns the step."""
+    from loops import checkpoint
+    from loops.stopping import AGREE_EVERY
+    (chief,), (other,) = lines
+    found = re.search(r"worker 0 of 2: stopped by SIGTERM after training step (\d+); checkpoint of "
+                      r"step (\d+) written in ", chief)
+    assert found and found.group(1) == found.group(2), lines
+    step = int(found.group(1))
+    assert f"worker 1 of 2: stopped by SIGTERM after training step {step}; worker 0 writes" in other
+    assert step in (AGREE_EVERY, 2 * AGREE_EVERY)
+    assert [s for s, _ in checkpoint.list_checkpoints(str(model_dir))] == [step]
+    assert sorted(os.listdir(model_dir)) == [".lock", "checkpoints", "settings.json"]
+    return step
 
 
 def free_ports(n):

@@ -6,7 +6,6 @@ all-reduce, the stops and resumes are the same code for either network. Horovod'
 checked on UNet3D, in this process."""
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -16,11 +15,9 @@ import time
 import numpy as np
 import pytest
 
-from loops import checkpoint
-from loops.stopping import AGREE_EVERY
 from main import main
-from tests.conftest import (checkpoint_weights as weights, ROOT, assert_one_line_error, free_ports,
-                            main_here, stop_one, tiny_vnet_flags)
+from tests.conftest import (checkpoint_weights as weights, ROOT, assert_one_line_error, assert_one_stop,
+                            free_ports, main_here, stop_one, tiny_vnet_flags)
 
 # The tests that launch several processes run on one test worker (pytest -n 2 --dist loadgroup), one
 # after another: their reference runs (session fixtures) are then made once, and two launches of
@@ -197,16 +194,7 @@ def test_two_workers_with_mpirun(mpirun_pair):
 def test_sigterm_to_one_worker_stops_both_and_the_pair_resumes_exactly(msd_phantom, mpirun_pair,
                                                                        tmp_path):
     out = tmp_path / "stopped"
-    (chief,), (other,) = stop_one(stop_pair(msd_phantom, out), out, victim=1)
-    found = re.search(r"worker 0 of 2: stopped by SIGTERM after training step (\d+); checkpoint of "
-                      r"step (\d+) written in ", chief)
-    assert found and found.group(1) == found.group(2), (chief, other)
-    step = int(found.group(1))
-    assert f"worker 1 of 2: stopped by SIGTERM after training step {step}; worker 0 writes" in other
-    # Signalled after step 1: the next agreement, or (the steps take milliseconds) the one after.
-    assert step in (AGREE_EVERY, 2 * AGREE_EVERY)
-    assert [s for s, _ in checkpoint.list_checkpoints(str(out / "model"))] == [step]
-    assert sorted(os.listdir(out / "model")) == [".lock", "checkpoints", "settings.json"]
+    assert_one_stop(stop_one(stop_pair(msd_phantom, out), out, victim=1), out / "model")
 
     finish(stop_pair(msd_phantom, out, "--resume_training"), out)
     (step, resumed) = weights(out / "model")

@@ -8,7 +8,6 @@ The runs train the tool's smallest network (conftest's `tiny_vnet_flags`): what 
 the processes, their collectives, stops and resumes, is the same code for either network."""
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -17,10 +16,9 @@ import time
 import numpy as np
 import pytest
 
-from loops import checkpoint
-from loops.stopping import AGREE_EVERY
 from setup.cluster import JAX_HEARTBEAT_TIMEOUT_S
-from tests.conftest import checkpoint_weights as weights, ROOT, free_ports, stop_one, tiny_vnet_flags
+from tests.conftest import (checkpoint_weights as weights, ROOT, assert_one_stop, free_ports, stop_one,
+                            tiny_vnet_flags)
 
 # The tests that launch several processes run on one test worker (pytest -n 2 --dist loadgroup), one
 # after another: their reference run (a module fixture) is then made once, and two launches of
@@ -125,21 +123,6 @@ def coordinated(env, records, out, *extra, mode="train", stderr_dir=None):
     return procs
 
 
-def assert_one_stop(lines, model_dir):
-    """Both workers stopped after the same step; worker 0 wrote the one checkpoint."""
-    (chief,), (other,) = lines
-    found = re.search(r"worker 0 of 2: stopped by SIGTERM after training step (\d+); checkpoint of "
-                      r"step (\d+) written in ", chief)
-    assert found and found.group(1) == found.group(2), lines
-    step = int(found.group(1))
-    assert f"worker 1 of 2: stopped by SIGTERM after training step {step}; worker 0 writes" in other
-    # Signalled after step 1: the next agreement, or (the steps take milliseconds) the one after.
-    assert step in (AGREE_EVERY, 2 * AGREE_EVERY)
-    assert [s for s, _ in checkpoint.list_checkpoints(str(model_dir))] == [step]
-    assert sorted(os.listdir(model_dir)) == [".lock", "checkpoints", "settings.json"]
-    return step
-
-
 def test_a_sigterm_stops_both_a_killed_process_stops_the_other_and_each_resumes(
         msd_phantom, jax_env, two_devices, tmp_path):
     # One chain of launches in one model_dir, so that the two stops share their launches.
@@ -149,9 +132,9 @@ def test_a_sigterm_stops_both_a_killed_process_stops_the_other_and_each_resumes(
     stopped = assert_one_stop(stop_one(procs, tmp_path, victim=1), tmp_path / "model")
     assert stopped + 1 < STEPS
 
-    # 2. Both resume from it (process 0 broadcasts its checkpoint: weights, Adam's state, the data
-    # streams, the step) with a checkpoint every step; once process 0 has saved the next step,
-    # process 1 is killed: process 0 stops with one line, at once.
+    # 2. Both resume from it (process 0 broadcasts its checkpoint: weights, the optimizer's state,
+    # the data streams, the step) with a checkpoint every step; once process 0 has saved the next
+    # step, process 1 is killed: process 0 stops with one line, at once.
     chief, other = coordinated(jax_env, msd_phantom, tmp_path, "--resume_training",
                                "--ckpt_every", "1", "--train_epochs", "1000")
     saved = tmp_path / "model" / "checkpoints" / f"ckpt-{stopped + 1}.npz"

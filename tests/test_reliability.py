@@ -105,10 +105,8 @@ def test_stops_by_signal_resume_to_the_uninterrupted_weights(records, reference,
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_one_training_run_per_model_dir(msd_phantom, tmp_path, capsys):
-    # The tool's smallest network: the lock is the same for either.
-    argv = tiny_vnet_flags(msd_phantom, tmp_path, "--exec_mode", "train", "--train_split", "0.8",
-                           "--train_epochs", "1000")
+def test_one_training_run_per_model_dir(records, tmp_path, capsys):
+    argv = flags(records, tmp_path, "--train_epochs", "1000")
     first = subprocess.Popen([sys.executable, "main.py", *argv], cwd=ROOT, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
