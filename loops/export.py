@@ -26,6 +26,7 @@ METADATA = "metadata.json"
 ONNX_OPSET = 17
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
+CATCH_ERRORS = "TF2ONNX_CATCH_ERRORS"  # tf2onnx's switch for rolling back a failed optimizer pass
 REPRODUCES = {"unet3d": "main.py --exec_mode predict --sliding_window --save_nifti",
               "vnet": "main.py --model vnet --exec_mode predict --save_nifti"}
 
@@ -111,6 +112,25 @@ def _write_saved_model(model, path, signature):
     archive.write_out(path, verbose=False)
 
 
+def _write_onnx(model, path, signature):
+    """Convert `model` with tf2onnx. Told to let its graph optimizers' errors through, tf2onnx no
+    longer copies the whole graph, weights included, before each optimizer pass to roll a failed
+    one back: both networks convert to the same file either way, and a failing pass now fails the
+    export instead of leaving a less optimized model."""
+    saved = os.environ.get(CATCH_ERRORS)
+    os.environ[CATCH_ERRORS] = "FALSE"
+    try:
+        with warnings.catch_warnings():  # Keras' tf2onnx patch probes np.object, a FutureWarning
+            warnings.simplefilter("ignore", FutureWarning)
+            model.export(path, format="onnx", input_signature=[signature],
+                         opset_version=ONNX_OPSET, verbose=False)
+    finally:
+        if saved is None:
+            del os.environ[CATCH_ERRORS]
+        else:
+            os.environ[CATCH_ERRORS] = saved
+
+
 def write_export(model, export_dir, body):
     """Write `model` (a Keras model on the TensorFlow backend, float32) as export_dir/saved_model,
     export_dir/model.onnx and export_dir/metadata.json (`body` plus the files' SHA-256 and the
@@ -127,10 +147,7 @@ def write_export(model, export_dir, body):
     try:
         _write_saved_model(model, os.path.join(work, SAVED_MODEL), signature)
         onnx_path = os.path.join(work, ONNX_FILE)
-        with warnings.catch_warnings():  # Keras' tf2onnx patch probes np.object, a FutureWarning
-            warnings.simplefilter("ignore", FutureWarning)
-            model.export(onnx_path, format="onnx", input_signature=[signature],
-                         opset_version=ONNX_OPSET, verbose=False)
+        _write_onnx(model, onnx_path, signature)
         body = dict(body, onnx=dict(body["onnx"], **onnx_names(onnx_path)), files=file_hashes(work))
         with open(os.path.join(work, METADATA), "w") as handle:
             json.dump(body, handle, indent=2)
