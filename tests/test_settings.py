@@ -10,8 +10,9 @@ from common.settings import DataSettings, UNet3DSettings, VNetSettings
 from tasks.base import make_task
 from tests.conftest import assert_one_line_error, main_here
 
-# One test worker runs this file (pytest -n 2 --dist loadgroup), so that its two runs are made once.
-pytestmark = pytest.mark.xdist_group("settings")
+# One test worker runs this file and the other users of conftest's UNet3D run (pytest -n 2 --dist
+# loadgroup), so that the groupnorm run here and that instancenorm run are each made once.
+pytestmark = pytest.mark.xdist_group("unet3d_run")
 
 
 @pytest.fixture(scope="module")
@@ -39,17 +40,15 @@ def evals(log_dir):
 
 
 @pytest.fixture(scope="module")
-def trained(records, tmp_path_factory):
-    """A groupnorm run of 2 steps evaluated after training, and an instancenorm run of 1 step."""
+def trained(records, unet3d_run, tmp_path_factory):
+    """A groupnorm run of 2 steps evaluated after training, and conftest's instancenorm run."""
     root = tmp_path_factory.mktemp("runs")
-    runs = {}
-    for norm, mode, steps in (("groupnorm", "train_and_evaluate", "2"), ("instancenorm", "train", "1")):
-        model_dir, log_dir = str(root / norm), str(root / f"{norm}-logs")
-        argv = flags(records, model_dir, log_dir, "--exec_mode", mode, "--max_steps", steps,
-                     "--seed", "0", "--normalization", norm)
-        assert main_here(_NoCapture(), *argv).returncode == 0
-        runs[norm] = (model_dir, log_dir)
-    return runs
+    model_dir, log_dir = str(root / "groupnorm"), str(root / "groupnorm-logs")
+    argv = flags(records, model_dir, log_dir, "--exec_mode", "train_and_evaluate", "--max_steps", "2",
+                 "--seed", "0", "--normalization", "groupnorm")
+    assert main_here(_NoCapture(), *argv).returncode == 0
+    return {"groupnorm": (model_dir, log_dir),
+            "instancenorm": (str(unet3d_run / "model"), str(unet3d_run / "logs"))}
 
 
 class _NoCapture:
