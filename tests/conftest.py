@@ -5,7 +5,7 @@ The suite must stay well under 10 minutes on 2 cores (`pytest -n 2 --dist loadgr
 earns its seconds:
 - reuse the session fixtures below instead of writing and training your own: a phantom BraTS set
   (`unet3d_records`), a UNet3D trained on it (`unet3d_run`), an MSD hippocampus phantom
-  (`msd_phantom`), records of one volume (`same_volume_records`);
+  (`msd_phantom`);
 - what does not depend on the network (processes, signals, resume, locks, hooks, disks) trains the
   tool's smallest network, `tiny_vnet_flags` on `msd_phantom`: UNet3D's 31 million weights make
   each of its runs slow to trace, step and checkpoint;
@@ -19,7 +19,6 @@ Session fixtures are made once per xdist worker. Tests that launch several proce
 """
 import os
 import re
-import shutil
 import socket
 import sys
 
@@ -152,22 +151,6 @@ def msd_phantom(tmp_path_factory):
     four.SetDirection(direction4.ravel().tolist())
     sitk.WriteImage(four, path)
     return root
-
-
-@pytest.fixture(scope="session")
-def same_volume_records(tmp_path_factory):
-    """Six record files holding one and the same 32³ volume: with no augmentation every batch of
-    every worker is then that volume, whatever the sharding and shuffling, so two workers of batch
-    1 and one worker of batch 2 compute the same gradients."""
-    from dataset.phantom import write_brats_phantom
-    from dataset.preprocess_data import preprocess
-    root = tmp_path_factory.mktemp("same")
-    write_brats_phantom(str(root / "nifti"), 1, shape=(32, 32, 32), seed=2)
-    (path,) = preprocess(str(root / "nifti"), str(root / "one"), single_data_dir=True, seed=0)
-    os.makedirs(root / "records")
-    for k in range(6):
-        shutil.copy(path, root / "records" / f"volume-{k}.tfrecord")
-    return str(root / "records")
 
 
 @pytest.fixture(scope="session")
