@@ -61,8 +61,9 @@ def unet(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vnet(tmp_path_factory):
-    """A V-Net trained two steps on four rotated, anisotropic phantom hippocampus images,
-    exported, and its --tta prediction of the test image."""
+    """A V-Net of one convolution a block (its three levels and batch normalization kept)
+    trained two steps on four rotated, anisotropic phantom hippocampus images, exported, and its
+    --tta prediction of the test image."""
     from dataset.phantom_msd import write_msd_phantom
     root = str(tmp_path_factory.mktemp("vnet"))
     c, s = np.cos(0.4), np.sin(0.4)
@@ -70,7 +71,8 @@ def vnet(tmp_path_factory):
                              direction=(c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0))
     data = ["--model", "vnet", "--data_dir", task]
     model_dir, export_dir = train_export_predict(
-        root, data + ["--batch_size", "2", "--input_shape", "32", "32", "16"], data + ["--tta"])
+        root, data + ["--batch_size", "2", "--input_shape", "32", "32", "16", "--downscale_blocks", "1",
+                      "1", "1", "--upscale_blocks", "1", "1"], data + ["--tta"])
     image = os.path.join(task, "imagesTs", "hippocampus_004.nii.gz")
     return {"model_dir": model_dir, "export": export_dir, "image": image,
             "mask": os.path.join(model_dir, "nifti", "hippocampus_004.nii.gz")}
