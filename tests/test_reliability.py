@@ -1,10 +1,12 @@
-"""Reliability in one process: stops on SIGTERM, SIGINT and SIGUSR1 that resume exactly, one
+"""Reliability in one process: stops on SIGTERM, SIGINT and SIGUSR1 that resume exactly (SIGTERM's
+in a process of its own, whose exit status is checked; the others in the test's process), one
 training run per model_dir, and outputs on a full disk (a real tmpfs in a mount namespace).
 
 The runs train the tool's smallest network (conftest's `tiny_vnet_flags`) on 32³ batches of 8,
 whose steps take long enough for a signal sent after one step to arrive in the next: the stops,
 the lock and the writes are the same code for either network. (UNet3D's resume after a killed
 process: tests/test_runtime.py.)"""
+import json
 import os
 import re
 import signal
@@ -73,10 +75,37 @@ def signal_at(argv, step, signum, err_path, timeout=600):
     return proc.returncode, lines
 
 
-def stop_and_check(argv, at, signum, tmp_path):
+def signal_here(argv, step, signum, log, capsys):
+    """main() with `argv` in this process; `signum` is sent to this process once `log` (its
+    log.json) holds training step `step` (or a later one). Returns main_here's result."""
+    sent = threading.Event()
+
+    def watch():
+        while not sent.is_set():
+            if os.path.exists(log) and any(json.loads(line)["type"] == "train" and
+                                           json.loads(line)["step"] >= step for line in open(log)):
+                os.kill(os.getpid(), signum)
+                sent.set()
+            sent.wait(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        return main_here(capsys, *argv)
+    finally:
+        sent.set()
+        watcher.join()
+
+
+def stop_and_check(argv, at, signum, tmp_path, capsys):
     """Stop a run by `signum` at training step `at` (or the next); checks the one line, the exit
-    status and the checkpoint, and returns the step it stopped after."""
-    code, lines = signal_at(argv, at, signum, tmp_path / "stderr.txt")
+    status and the checkpoint, and returns the step it stopped after. SIGTERM stops main.py in a
+    process of its own; the other signals stop main() in this process."""
+    if signum == signal.SIGTERM:
+        code, lines = signal_at(argv, at, signum, tmp_path / "stderr.txt")
+    else:
+        result = signal_here(argv, at, signum, tmp_path / "logs" / "log.json", capsys)
+        code, lines = result.returncode, result.stderr.strip().splitlines()
     name = signal.Signals(signum).name
     assert code == 128 + signum, lines
     assert len(lines) == 1, lines
@@ -89,13 +118,13 @@ def stop_and_check(argv, at, signum, tmp_path):
     return step
 
 
-def test_stops_by_signal_resume_to_the_uninterrupted_weights(records, reference, tmp_path):
+def test_stops_by_signal_resume_to_the_uninterrupted_weights(records, reference, tmp_path, capsys):
     argv = flags(records, tmp_path, "--train_epochs", str(STEPS))
     stopped = []
     for target, signum in ((2, signal.SIGTERM), (4, signal.SIGINT), (6, signal.SIGUSR1)):
         at = max([target] + [s + 1 for s in stopped])
         stopped.append(stop_and_check(argv + (["--resume_training"] if stopped else []), at, signum,
-                                      tmp_path))
+                                      tmp_path, capsys))
     assert main(argv + ["--resume_training"]) == 0
     logged = [line for line in open(tmp_path / "logs" / "log.json") if '"type": "train"' in line]
     assert [int(re.search(r'"step": (\d+)', line).group(1)) for line in logged] == list(range(1, STEPS + 1))
