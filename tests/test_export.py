@@ -1,6 +1,7 @@
-"""--exec_mode export and segment.py: a trained UNet3D and V-Net each exported once; the SavedModel
-and the ONNX model against the Keras model, segment.py (with TensorFlow, Keras and JAX made
-unimportable) against main.py predict --save_nifti, and the one-line errors on bad input."""
+"""--exec_mode export and segment.py: a trained UNet3D (conftest's) and V-Net each exported once;
+the SavedModel and the ONNX model against the Keras model, segment.py (with TensorFlow, Keras and
+JAX made unimportable) against main.py predict --save_nifti, and the one-line errors on bad
+input."""
 import json
 import os
 import shutil
@@ -14,7 +15,9 @@ import SimpleITK as sitk
 
 from tests.conftest import ROOT, assert_one_line_error, main_here, phantom_records
 
-pytestmark = pytest.mark.xdist_group("export")
+# One test worker runs this file and the other users of conftest's UNet3D run (pytest -n 2 --dist
+# loadgroup), so that it is trained once.
+pytestmark = pytest.mark.xdist_group("unet3d_run")
 
 BLOCKER = '''import sys
 
@@ -45,18 +48,22 @@ def train_export_predict(root, train_flags, predict_flags):
 
 
 @pytest.fixture(scope="module")
-def unet(tmp_path_factory):
-    """A UNet3D trained one step on three 40×40×36 phantom cases, exported, and its sliding-window
-    prediction of the validation case."""
+def unet(unet3d_run, tmp_path_factory):
+    """conftest's UNet3D run (4 steps) exported, and its sliding-window prediction of the validation
+    case of three 40×40×36 phantom cases (a grid that is no multiple of the window)."""
+    from main import main
     root = str(tmp_path_factory.mktemp("unet"))
     records = phantom_records(root, 3, (40, 40, 36), seed=5)
-    data = ["--data_dir", records]
-    model_dir, export_dir = train_export_predict(
-        root, data + ["--max_steps", "1", "--batch_size", "1"], data + ["--sliding_window"])
-    (mask,) = os.listdir(os.path.join(model_dir, "nifti"))
+    model_dir, export_dir = str(unet3d_run / "model"), os.path.join(root, "export")
+    assert main(["--exec_mode", "export", "--model_dir", model_dir, "--export_dir", export_dir]) == 0
+    predicted = os.path.join(root, "predicted")
+    assert main(["--data_dir", records, "--model_dir", model_dir, "--log_dir", os.path.join(root, "logs"),
+                 "--output_dir", predicted, "--exec_mode", "predict", "--sliding_window", "--save_nifti",
+                 "--dtype", "fp32"]) == 0
+    (mask,) = os.listdir(os.path.join(predicted, "nifti"))
     case = os.path.join(root, "nifti", mask[:-len(".nii.gz")])
     return {"model_dir": model_dir, "export": export_dir, "case": case,
-            "mask": os.path.join(model_dir, "nifti", mask)}
+            "mask": os.path.join(predicted, "nifti", mask)}
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +131,7 @@ def test_metadata(unet, vnet):
     assert meta["preprocessing"]["clip_fraction"] == 0.85
     assert {k: meta["sliding_window"][k] for k in ("overlap", "sigma_scale", "min_importance")} == \
         {"overlap": 0.5, "sigma_scale": 0.125, "min_importance": 1e-3}
-    assert meta["onnx"]["opset"] == 17 and meta["trained"]["step"] == 1
+    assert meta["onnx"]["opset"] == 17 and meta["trained"]["step"] == 4
     assert "model.onnx" in meta["files"] and "saved_model/saved_model.pb" in meta["files"]
     for name, digest in meta["files"].items():
         assert sha256(os.path.join(unet["export"], name)) == digest
