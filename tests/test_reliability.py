@@ -80,13 +80,15 @@ def signal_here(argv, step, signum, log, capsys):
     log.json) holds training step `step` (or a later one). Returns main_here's result."""
     sent = threading.Event()
 
+    def reached():
+        entries = map(json.loads, open(log)) if os.path.exists(log) else ()
+        return any(e["type"] == "train" and e["step"] >= step for e in entries)
+
     def watch():
-        while not sent.is_set():
-            if os.path.exists(log) and any(json.loads(line)["type"] == "train" and
-                                           json.loads(line)["step"] >= step for line in open(log)):
+        while not sent.wait(0.01):
+            if reached():
                 os.kill(os.getpid(), signum)
                 sent.set()
-            sent.wait(0.01)
 
     watcher = threading.Thread(target=watch)
     watcher.start()
