@@ -159,8 +159,8 @@ def jax_env(tmp_path_factory):
     worker's JAX runs that keeps every program, however quickly it compiled: a run after the first
     loads the model's initializers and the training step instead of compiling them again.
     Random bits come from JAX's non-partitionable threefry, which XLA on CPU compiles much faster
-    for the initializers of a first run; its numbers differ from the default's, and the tests compare JAX runs with each other or with
-    weights they set, never with a default JAX run."""
+    for the initializers of a first run; its numbers differ from the default's, and the tests
+    compare JAX runs with each other or with weights they set, never with a default JAX run."""
     return {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu",
             "JAX_THREEFRY_PARTITIONABLE": "0",
             "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
