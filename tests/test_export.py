@@ -35,35 +35,29 @@ sys.meta_path.insert(0, BlockHeavyImports())
 '''
 
 
-def train_export_predict(root, train_flags, predict_flags):
-    """Train (fp32, seed 0), export, and predict with --save_nifti, in this process; returns
-    (model_dir, export_dir)."""
+def export_and_predict(model_dir, root, predict_flags):
+    """Export model_dir's newest checkpoint into root/export and predict with --save_nifti (fp32)
+    into root/predicted, in this process; returns (export_dir, the folder of the NIfTI masks)."""
     from main import main
-    model_dir, export_dir = os.path.join(root, "model"), os.path.join(root, "export")
-    common = ["--model_dir", model_dir, "--log_dir", os.path.join(root, "logs")]
-    assert main(train_flags + common + ["--exec_mode", "train", "--dtype", "fp32", "--seed", "0"]) == 0
+    export_dir, predicted = os.path.join(root, "export"), os.path.join(root, "predicted")
     assert main(["--exec_mode", "export", "--model_dir", model_dir, "--export_dir", export_dir]) == 0
-    assert main(predict_flags + common + ["--exec_mode", "predict", "--save_nifti", "--dtype", "fp32"]) == 0
-    return model_dir, export_dir
+    assert main(predict_flags + ["--model_dir", model_dir, "--log_dir", os.path.join(root, "logs"),
+                                 "--output_dir", predicted, "--exec_mode", "predict", "--save_nifti",
+                                 "--dtype", "fp32"]) == 0
+    return export_dir, os.path.join(predicted, "nifti")
 
 
 @pytest.fixture(scope="module")
 def unet(unet3d_run, tmp_path_factory):
     """conftest's UNet3D run (4 steps) exported, and its sliding-window prediction of the validation
     case of three 40×40×36 phantom cases (a grid that is no multiple of the window)."""
-    from main import main
     root = str(tmp_path_factory.mktemp("unet"))
     records = phantom_records(root, 3, (40, 40, 36), seed=5)
-    model_dir, export_dir = str(unet3d_run / "model"), os.path.join(root, "export")
-    assert main(["--exec_mode", "export", "--model_dir", model_dir, "--export_dir", export_dir]) == 0
-    predicted = os.path.join(root, "predicted")
-    assert main(["--data_dir", records, "--model_dir", model_dir, "--log_dir", os.path.join(root, "logs"),
-                 "--output_dir", predicted, "--exec_mode", "predict", "--sliding_window", "--save_nifti",
-                 "--dtype", "fp32"]) == 0
-    (mask,) = os.listdir(os.path.join(predicted, "nifti"))
+    model_dir = str(unet3d_run / "model")
+    export_dir, masks = export_and_predict(model_dir, root, ["--data_dir", records, "--sliding_window"])
+    (mask,) = os.listdir(masks)
     case = os.path.join(root, "nifti", mask[:-len(".nii.gz")])
-    return {"model_dir": model_dir, "export": export_dir, "case": case,
-            "mask": os.path.join(predicted, "nifti", mask)}
+    return {"model_dir": model_dir, "export": export_dir, "case": case, "mask": os.path.join(masks, mask)}
 
 
 @pytest.fixture(scope="module")
@@ -72,17 +66,21 @@ def vnet(tmp_path_factory):
     trained two steps on four rotated, anisotropic phantom hippocampus images, exported, and its
     --tta prediction of the test image."""
     from dataset.phantom_msd import write_msd_phantom
+    from main import main
     root = str(tmp_path_factory.mktemp("vnet"))
     c, s = np.cos(0.4), np.sin(0.4)
     task = write_msd_phantom(os.path.join(root, "task"), 4, 1, seed=1, spacing=(0.8, 1.3, 2.1),
                              direction=(c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0))
     data = ["--model", "vnet", "--data_dir", task]
-    model_dir, export_dir = train_export_predict(
-        root, data + ["--batch_size", "2", "--input_shape", "32", "32", "16", "--downscale_blocks", "1",
-                      "1", "1", "--upscale_blocks", "1", "1"], data + ["--tta"])
+    model_dir = os.path.join(root, "model")
+    assert main(data + ["--batch_size", "2", "--input_shape", "32", "32", "16", "--downscale_blocks", "1",
+                        "1", "1", "--upscale_blocks", "1", "1", "--model_dir", model_dir, "--log_dir",
+                        os.path.join(root, "logs"), "--exec_mode", "train", "--dtype", "fp32",
+                        "--seed", "0"]) == 0
+    export_dir, masks = export_and_predict(model_dir, root, data + ["--tta"])
     image = os.path.join(task, "imagesTs", "hippocampus_004.nii.gz")
     return {"model_dir": model_dir, "export": export_dir, "image": image,
-            "mask": os.path.join(model_dir, "nifti", "hippocampus_004.nii.gz")}
+            "mask": os.path.join(masks, "hippocampus_004.nii.gz")}
 
 
 def keras_model(model_dir):
