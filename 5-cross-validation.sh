@@ -62,7 +62,7 @@ fi
 
 for ((fold = 0; fold < folds; fold++)); do
     fold_dir="$results_dir/fold_$fold"
-    if "$python" "$here/cli/parse_results.py" --check "$fold_dir"; then
+    if "$python" "$here/runtime/parse_results.py" --check "$fold_dir"; then
         echo "fold $fold: already evaluated, skipped"
         continue
     fi
@@ -76,4 +76,4 @@ for ((fold = 0; fold < folds; fold++)); do
         exit 1
     fi
 done
-"$python" "$here/cli/parse_results.py" "$results_dir" --folds "$folds"
+"$python" "$here/runtime/parse_results.py" "$results_dir" --folds "$folds"

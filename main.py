@@ -3,9 +3,9 @@ import os
 import sys
 import traceback
 
-from cli.arguments import parse_args
+from runtime.arguments import parse_args
 from common.errors import UserError
-from setup.xla_flags import prefer_channels_last_convolutions
+from runtime.setup.xla_flags import prefer_channels_last_convolutions
 
 
 def main(argv=None):
@@ -17,9 +17,9 @@ def main(argv=None):
         return 1
     os.environ["KERAS_BACKEND"] = settings.precision.backend  # before Keras is imported
     prefer_channels_last_convolutions()  # before XLA starts
-    from loops.stopping import Stopped
-    from setup.cluster import end_now_if_distributed
-    from setup.run import run
+    from runtime.loops.stopping import Stopped
+    from runtime.setup.cluster import end_now_if_distributed
+    from runtime.run import run
     try:
         run(settings)
     except Stopped as stop:  # every worker stopped after the same step: exit as usual

@@ -12,7 +12,7 @@ mask resampled back onto the image's grid: the computation of
 --tta adds the tool's --tta (the mean over the 8 mirrorings of the spatial axes).
 
 The modules imported from the tool (dataset/brats_nifti.py, dataset/msd.py,
-loops/window_layout.py) need NumPy, nibabel and SimpleITK alone.
+dataset/window_layout.py) need NumPy, nibabel and SimpleITK alone.
 """
 import argparse
 import itertools
@@ -94,7 +94,7 @@ def onnx_runner(path):
 
 def window_probabilities(run, x, tta):
     """`run(x)` as float32; with `tta`, the mean over the 8 mirrorings of the spatial axes (each
-    prediction mirrored back), run as one batch, as loops/inference.py computes it."""
+    prediction mirrored back), run as one batch, as runtime/loops/inference.py computes it."""
     if not tta:
         return run(x).astype(np.float32)
     n = x.shape[0]
@@ -108,8 +108,8 @@ def window_probabilities(run, x, tta):
 
 def sliding_window(run, volume, window, settings, tta):
     """The blended probabilities (D, H, W, classes) of a (D, H, W, C) volume: windows laid out and
-    weighted as loops/window_layout.py does, run `settings['batch']` at a time."""
-    from loops.window_layout import gaussian_importance, importance_sum, window_grid
+    weighted as dataset/window_layout.py does, run `settings['batch']` at a time."""
+    from dataset.window_layout import gaussian_importance, importance_sum, window_grid
     shape = volume.shape[:3]
     padded_shape, starts = window_grid(shape, window, settings["overlap"])
     padded = np.pad(volume, [(0, p - s) for p, s in zip(padded_shape, shape)] + [(0, 0)])
@@ -152,7 +152,7 @@ def segment_unet3d(metadata, run, case_dir, output, tta):
     import nibabel as nib
 
     from dataset.brats_nifti import convert_images, load_nifti
-    from loops.window_layout import sliding_window_shape
+    from dataset.window_layout import sliding_window_shape
     prep = metadata["preprocessing"]
     paths = case_channel_files(case_dir, metadata["input"]["channels"])
     volume, mean, stdev = convert_images([(path, load_nifti(path)[0]) for path in paths],

@@ -14,7 +14,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from setup.xla_flags import prefer_channels_last_convolutions  # noqa: E402
+from runtime.setup.xla_flags import prefer_channels_last_convolutions  # noqa: E402
 
 prefer_channels_last_convolutions()
 

@@ -5,7 +5,7 @@ Builds the network as its task does (fp32, seed 0, TensorFlow backend), exports 
 `--exec_mode export` does (Keras' tf2onnx export, opset 17) or takes an export's model.onnx of
 the same network (`--onnx`: UNet3D's conversion needs about 10 GB of memory; the weights then
 differ, the work does not, and no difference is printed), and times on one random window
-(batch 1) the tool's compiled predict (loops/inference.py: probabilities and argmax, as
+(batch 1) the tool's compiled predict (runtime/loops/inference.py: probabilities and argmax, as
 `main.py --exec_mode predict` runs each window) and an ONNX Runtime CPU session (probabilities,
 argmax in NumPy). Prints one JSON line: the median seconds of `--steps` calls of each, after one
 warm-up call, and the largest probability difference.
@@ -49,12 +49,12 @@ def main():
     import onnxruntime as ort
     from keras import ops
 
-    from common.settings import NETWORK_SECTIONS, DataSettings
-    from engines.tf_engine import TFEngine
-    from loops.export import INPUT_NAME, ONNX_OPSET
-    from loops.inference import Inference
-    from setup.run import ClassCount
-    from tasks.base import make_task
+    from runtime.settings import NETWORK_SECTIONS, DataSettings
+    from runtime.engines.tf_engine import TFEngine
+    from runtime.loops.export import INPUT_NAME, ONNX_OPSET
+    from runtime.loops.inference import Inference
+    from runtime.run import ClassCount
+    from runtime.tasks.base import make_task
 
     window = tuple(args.window or ((64, 64, 64) if args.model == "unet3d" else (32, 32, 32)))
     net = NETWORK_SECTIONS["vnet"](input_shape=window) if args.model == "vnet" else NETWORK_SECTIONS["unet3d"]()

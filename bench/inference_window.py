@@ -23,14 +23,14 @@ def main():
     args = parser.parse_args()
     os.environ["KERAS_BACKEND"] = "jax"
     sys.path.insert(0, os.path.abspath(args.root))
-    from setup.xla_flags import prefer_channels_last_convolutions
+    from runtime.setup.xla_flags import prefer_channels_last_convolutions
     prefer_channels_last_convolutions()
     import jax
     import numpy as np
 
-    from common.settings import DataSettings, PrecisionSettings, RunSettings, Settings
-    from setup.machine import resolve_machine
-    from tasks.base import make_task
+    from runtime.settings import DataSettings, PrecisionSettings, RunSettings, Settings
+    from runtime.setup.machine import resolve_machine
+    from runtime.tasks.base import make_task
 
     folder = tempfile.mkdtemp(prefix="inference-window-")
     settings = Settings(run=RunSettings(model_dirs=(folder,), log_dir=folder),

@@ -1,7 +1,7 @@
 """Benchmark: the tf.data training pipeline alone on BraTS-sized records, in images/s per CPU core.
 
 usage: python bench/input_pipeline.py [--cases 6] [--cores 1 2] [--batches 30] [--records DIR]
-Writes phantom BraTS cases of 240×240×155 (dataset/phantom.py) and their records
+Writes phantom BraTS cases of 240×240×155 (dataset/phantom/brats.py) and their records
 (dataset/preprocess_data.py) once, then, for each core count, reads training batches of 2 from
 BratsData in a process pinned to that many cores: the pipeline as the tool runs it (parse, crop,
 drawn augmentation: compact uint8 batches) and, for comparison, the same batches finished on the
@@ -59,7 +59,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         records = args.records
         if records is None:
-            from dataset.phantom import write_brats_phantom
+            from dataset.phantom.brats import write_brats_phantom
             from dataset.preprocess_data import preprocess
             write_brats_phantom(os.path.join(tmp, "nifti"), args.cases, shape=(240, 240, 155), seed=0,
                                 workers=len(available))

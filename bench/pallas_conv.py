@@ -3,7 +3,7 @@
 usage: python bench/pallas_conv.py [--reps 20] [--shapes 128x32x32 128x64x32 ...] [--mosaic 128 32 8]
 For stride-1 convolutions of UNet3D (by default the 128³ level's 32 → 32 and 64 → 32; batch 2, bf16,
 channels-last) prints the median ms of the forward pass, the data gradient and the weight gradient
-through XLA (cuDNN) and the forward pass and data gradient of engines/mosaic_conv.py for each
+through XLA (cuDNN) and the forward pass and data gradient of runtime/engines/mosaic_conv.py for each
 number of rows per program (up to 32 channels), with the largest difference from XLA relative to
 XLA's largest value. (The Triton kernels once timed here are in git history, commit 81bf703.)
 """
@@ -12,7 +12,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from setup.xla_flags import prefer_channels_last_convolutions  # noqa: E402
+from runtime.setup.xla_flags import prefer_channels_last_convolutions  # noqa: E402
 
 prefer_channels_last_convolutions()
 
@@ -20,7 +20,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench.conv_roofline import median_ms  # noqa: E402
-from engines import mosaic_conv  # noqa: E402
+from runtime.engines import mosaic_conv  # noqa: E402
 
 
 def _error(value, reference):

@@ -12,7 +12,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from cli.parse_results import final_eval  # noqa: E402
+from runtime.parse_results import final_eval  # noqa: E402
 
 
 def main():

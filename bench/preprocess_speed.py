@@ -11,7 +11,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dataset.phantom import write_brats_phantom  # noqa: E402
+from dataset.phantom.brats import write_brats_phantom  # noqa: E402
 from dataset.preprocess_data import preprocess  # noqa: E402
 
 

@@ -7,8 +7,8 @@ Times the jitted training step (batch 2, Adam, dice+ce, a compact uint8 batch fi
 step) with the batch already on the device and with a host batch copied each step, then traces a
 few steps and prints the GPU kernels that take the most time per step. The step uses XLA's
 convolutions; --conv_kernels also times it, in the same process, with each kernel named
-(`mosaic` is engines/mosaic_conv.py, what the tool runs on a Hopper GPU), traces the last one named,
-and --loss_check checks each. XLA gets the tool's flags (setup/xla_flags.py); set
+(`mosaic` is runtime/engines/mosaic_conv.py, what the tool runs on a Hopper GPU), traces the last one named,
+and --loss_check checks each. XLA gets the tool's flags (runtime/setup/xla_flags.py); set
 XLA_FLAGS=--xla_gpu_force_conv_nhwc=false to see XLA's own layout choice instead.
 """
 import argparse
@@ -22,7 +22,7 @@ import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from setup.xla_flags import prefer_channels_last_convolutions  # noqa: E402
+from runtime.setup.xla_flags import prefer_channels_last_convolutions  # noqa: E402
 
 prefer_channels_last_convolutions()
 
@@ -30,12 +30,12 @@ import jax  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from engines import mosaic_conv  # noqa: E402
+from runtime.engines import mosaic_conv  # noqa: E402
 from dataset.device_transform import finish_train_batch  # noqa: E402
 from model.losses import get_loss  # noqa: E402
 from model.unet3d import build_unet3d  # noqa: E402
-from engines.jax_engine import JaxEngine  # noqa: E402
-from tasks.unet3d import GPU_CHANNEL_MULTIPLE  # noqa: E402
+from runtime.engines.jax_engine import JaxEngine  # noqa: E402
+from runtime.tasks.unet3d import GPU_CHANNEL_MULTIPLE  # noqa: E402
 
 CONV_KERNELS = {"xla": None, "mosaic": mosaic_conv.layer_implementation}
 

@@ -1,5 +1,5 @@
 """The cost of the workers' agreement on a stop, paid after every training step
-(loops/stopping.py): JaxEngine.agree, a host all-gather of one int32, over two JAX processes on
+(runtime/loops/stopping.py): JaxEngine.agree, a host all-gather of one int32, over two JAX processes on
 localhost (gloo on CPU; on GPUs the same host collective), timed over many calls.
 
 usage: python bench/stop_agreement.py [--calls 500]
@@ -22,7 +22,7 @@ def worker(address, index, calls):
     sys.path.insert(0, ROOT)
     import numpy as np
 
-    from engines.jax_engine import JaxEngine
+    from runtime.engines.jax_engine import JaxEngine
     for _ in range(10):
         JaxEngine.agree(0)
     times = []

@@ -14,7 +14,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from setup.xla_flags import CHANNELS_LAST  # noqa: E402
+from runtime.setup.xla_flags import CHANNELS_LAST  # noqa: E402
 
 # every command type XLA can put in a CUDA graph for a one-device step (collectives aside)
 WHOLE_STEP_COMMANDS = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"

@@ -89,7 +89,7 @@ class KernelConv3D(keras.layers.Conv3D):
     `implementation(inputs, kernel)` returns the convolution of a call, or None for a call it does
     not take (shape, dtype), which Keras's convolution then computes. The weights and the function
     are Conv3D's: the runtime chooses the implementation per backend and device
-    (engines/mosaic_conv.py on a Hopper GPU under JAX), and Keras's path is the reference and the
+    (runtime/engines/mosaic_conv.py on a Hopper GPU under JAX), and Keras's path is the reference and the
     fallback.
     """
 

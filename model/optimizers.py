@@ -11,7 +11,7 @@ here works on either backend (TensorFlow, JAX).
 import keras
 from keras import ops
 
-# What the saved run settings call these rules (common/run_record.py); a model_dir trained before
+# What the saved run settings call these rules (runtime/run_record.py); a model_dir trained before
 # the tool followed them (on Keras' own RMSprop, ε 1e-7) names none.
 UPDATE_RULE = "tf1"
 

@@ -48,7 +48,7 @@ def build_unet3d(in_channels=4, n_classes=4, normalization="instancenorm", seed=
     Spatial sizes may be left as None; each one used must be a multiple of 32. `instance_norm`
     replaces the instance-normalization layer class (Habana's on HPU). With
     `image_channel_multiple` the first convolution pads the image's channels up to a multiple of
-    it: the same function, on faster GPU kernels (8 on GPUs, tasks/unet3d.py).
+    it: the same function, on faster GPU kernels (8 on GPUs, runtime/tasks/unet3d.py).
     `conv_implementation` computes the 3×3×3 stride-1 convolutions it takes (KernelConv3D).
     """
     for size in spatial_shape:

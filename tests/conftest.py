@@ -33,7 +33,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 def phantom_records(root, cases, shape, seed):
     """Write `cases` phantom BraTS cases under root/nifti and their TFRecords (one volume per
     file) under root/records; returns the records folder."""
-    from dataset.phantom import write_brats_phantom
+    from dataset.phantom.brats import write_brats_phantom
     from dataset.preprocess_data import preprocess
     write_brats_phantom(os.path.join(root, "nifti"), cases, shape=shape, seed=seed)
     preprocess(os.path.join(root, "nifti"), os.path.join(root, "records"), vol_per_file=1,
@@ -77,7 +77,7 @@ def assert_one_line_error(result, text):
 
 def checkpoint_weights(model_dir):
     """(step, arrays) of the newest checkpoint in `model_dir`; its stored step must match its name."""
-    from loops import checkpoint
+    from runtime.loops import checkpoint
     step, path = checkpoint.latest_checkpoint(str(model_dir))
     arrays, stored = checkpoint.load(path)
     assert stored == step
@@ -137,7 +137,7 @@ def msd_phantom(tmp_path_factory):
     (shutil.copytree) before changing a file."""
     import numpy as np
     import SimpleITK as sitk
-    from dataset.phantom_msd import write_msd_phantom
+    from dataset.phantom.msd import write_msd_phantom
     root = str(tmp_path_factory.mktemp("msd"))
     write_msd_phantom(root, 10, 3, seed=1, spacing=MSD_SPACING, direction=MSD_DIRECTION)
     path = os.path.join(root, "imagesTr", "hippocampus_000.nii.gz")
@@ -213,8 +213,8 @@ def assert_one_stop(lines, model_dir):
     next stop agreement or the one after (a signal sent after step 1 may land after the first
     one: the tiny network's steps are short); worker 0 wrote the one checkpoint, in `model_dir`.
     Returns the step."""
-    from loops import checkpoint
-    from loops.stopping import AGREE_EVERY
+    from runtime.loops import checkpoint
+    from runtime.loops.stopping import AGREE_EVERY
     (chief,), (other,) = lines
     found = re.search(r"worker 0 of 2: stopped by SIGTERM after training step (\d+); checkpoint of "
                       r"step (\d+) written in ", chief)

@@ -1,7 +1,7 @@
 """The command line of SPEC §1.1: every flag, its default, and one-line errors."""
 import pytest
 
-from cli.arguments import parse_args
+from runtime.arguments import parse_args
 from tests.conftest import main_here
 
 SPEC_FLAGS = ["--exec_mode", "--model_dir", "--log_dir", "--data_dir", "--batch_size", "--dtype",

@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from cli.arguments import parse_args
-from loops.challenge_metrics import COLUMNS
+from runtime.arguments import parse_args
+from runtime.loops.challenge_metrics import COLUMNS
 from tests.conftest import main_here, phantom_records
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -33,7 +33,7 @@ def trained(tmp_path_factory):
 def test_evaluate_writes_metrics_csv_pictures_and_training_curves(trained, capsys):
     from dataset.conventions import CONVENTIONS
     from dataset.data_loader import BratsData
-    from loops.challenge_metrics import ChallengeMetrics, record_spacing
+    from runtime.loops.challenge_metrics import ChallengeMetrics, record_spacing
     root, records, common = trained
     out = main_here(capsys, *common, "--exec_mode", "train_and_evaluate", "--max_steps", "2",
                     "--batch_size", "1", "--log_every", "1", "--eval_every", "1", "--sliding_window",
@@ -94,7 +94,7 @@ def test_output_flags_that_cannot_work_give_one_line_errors(argv, flag, capsys, 
 def test_an_evaluation_within_training_keeps_the_training_bar_and_curves(tmp_path):
     import io
 
-    from loops.hooks import Hooks, ProgressHook, TrainingCurvesHook
+    from runtime.loops.hooks import Hooks, ProgressHook, TrainingCurvesHook
 
     class Terminal(io.StringIO):
         def isatty(self):

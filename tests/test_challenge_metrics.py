@@ -1,11 +1,11 @@
-"""The challenge's metrics (loops/challenge_metrics.py) on hand-made cases whose answers are
+"""The challenge's metrics (runtime/loops/challenge_metrics.py) on hand-made cases whose answers are
 worked out here: lesions missed and invented, empty masks, touching lesions, anisotropic voxels,
 and the 2021 and 2023 label values of the same tumour."""
 import numpy as np
 import pytest
 
 from dataset.conventions import CONVENTIONS
-from loops.challenge_metrics import COLUMNS, HD95_INFINITE, ChallengeMetrics, record_spacing
+from runtime.loops.challenge_metrics import COLUMNS, HD95_INFINITE, ChallengeMetrics, record_spacing
 
 SHAPE = (24, 24, 24)
 CUBE = 4 ** 3  # voxels of a 4×4×4 lesion

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from cli.parse_results import METRICS, table
+from runtime.parse_results import METRICS, table
 from tests.conftest import ROOT
 
 SCRIPT = os.path.join(ROOT, "5-cross-validation.sh")

@@ -266,7 +266,7 @@ def test_horovod_wiring_with_a_stand_in(same_volume_task, horovod_standin, tmp_p
     assert reduced[0]["shape"] == [3, 3, 3, 1, 16]
     train_steps = [json.loads(l)["step"] for l in open(out / "logs" / "log.json") if '"train"' in l]
     assert train_steps == [1, 2]  # size 2: 4 training cases in global batches of 2
-    # The workers agree on a stop (loops/stopping.py) every AGREE_EVERY steps and after the last
+    # The workers agree on a stop (runtime/loops/stopping.py) every AGREE_EVERY steps and after the last
     # one (step 2 here): the largest signal number any of them received, by Horovod's all-reduce.
     agreed = [c for c in calls if c["call"] == "allreduce" and c["op"] == "max"]
     assert agreed == [{"call": "allreduce", "shape": [], "op": "max"}]

@@ -65,7 +65,7 @@ def vnet(tmp_path_factory):
     """A V-Net of one convolution a block (its three levels and batch normalization kept)
     trained two steps on four rotated, anisotropic phantom hippocampus images, exported, and its
     --tta prediction of the test image."""
-    from dataset.phantom_msd import write_msd_phantom
+    from dataset.phantom.msd import write_msd_phantom
     from main import main
     root = str(tmp_path_factory.mktemp("vnet"))
     c, s = np.cos(0.4), np.sin(0.4)
@@ -86,10 +86,10 @@ def vnet(tmp_path_factory):
 def keras_model(model_dir):
     """The Keras model of model_dir's newest checkpoint, built from its settings.json."""
     from common import run_record
-    from common.settings import DataSettings, NETWORK_SECTIONS
-    from loops import checkpoint
-    from setup.run import ClassCount
-    from tasks.base import make_task
+    from runtime.settings import DataSettings, NETWORK_SECTIONS
+    from runtime.loops import checkpoint
+    from runtime.run import ClassCount
+    from runtime.tasks.base import make_task
     network = run_record.read(model_dir)["network"]
     section = NETWORK_SECTIONS[network["model"]]
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in network.items()

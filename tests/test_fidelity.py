@@ -9,14 +9,14 @@ import keras
 import numpy as np
 import pytest
 
-from common import run_record
-from common.settings import DataSettings, UNet3DSettings, VNetSettings
-from loops import checkpoint
+from runtime import run_record
+from runtime.settings import DataSettings, UNet3DSettings, VNetSettings
+from runtime.loops import checkpoint
 from tests.conftest import ROOT, main_here, tiny_vnet_flags
 from model.layers import make_normalization
 from model.losses import ce_loss
 from model.optimizers import UPDATE_RULE, make_optimizer
-from tasks.base import make_task
+from runtime.tasks.base import make_task
 
 LR = 0.01
 
@@ -270,7 +270,7 @@ for name, momentum in (("adam", 0.0), ("rmsprop", 0.9)):
     optimizer = make_optimizer(name, float(data["lr"]), momentum=momentum)
     optimizer.build(variables)
     weights, state = [v.value for v in variables], [v.value for v in optimizer.variables]
-    step = jax.jit(optimizer.stateless_apply)  # as engines/jax_engine.py applies it
+    step = jax.jit(optimizer.stateless_apply)  # as runtime/engines/jax_engine.py applies it
     for t in range(3):
         weights, state = step(state, [data[f"g{t}_{i}"] for i in range(n)], weights)
     out.update({f"{name}{i}": np.asarray(w) for i, w in enumerate(weights)})

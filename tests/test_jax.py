@@ -15,8 +15,8 @@ import tensorflow as tf
 
 from model.losses import get_loss
 from model.unet3d import build_unet3d
-from engines.jax_engine import prefetch_to_device
-from setup.xla_flags import prefer_channels_last_convolutions
+from runtime.engines.jax_engine import prefetch_to_device
+from runtime.setup.xla_flags import prefer_channels_last_convolutions
 from tests.conftest import ROOT, assert_one_line_error, run_cli
 
 JAX_GRADIENTS = """

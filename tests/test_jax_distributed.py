@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from setup.cluster import JAX_HEARTBEAT_TIMEOUT_S
+from runtime.setup.cluster import JAX_HEARTBEAT_TIMEOUT_S
 from tests.conftest import (checkpoint_weights as weights, ROOT, assert_one_stop, free_ports, stop_one,
                             tiny_vnet_flags)
 

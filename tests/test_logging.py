@@ -2,7 +2,7 @@
 import glob
 import json
 
-from loops.hooks import Logger, TensorBoard
+from runtime.loops.hooks import Logger, TensorBoard
 
 
 def test_records_reach_stdout_log_json_and_tensorboard(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""The Mosaic GPU convolution kernel of engines/mosaic_conv.py against XLA's convolution, on the CPU.
+"""The Mosaic GPU convolution kernel of runtime/engines/mosaic_conv.py against XLA's convolution, on the CPU.
 
 The kernel targets Hopper GPUs (TMA copies, wgmma); here it runs, unchanged, in Pallas' GPU
 interpreter, which simulates its shared memory, barriers, copies and matrix products with NumPy.
@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engines import mosaic_conv
-from engines.kernels import conv_implementation
+from runtime.engines import mosaic_conv
+from runtime.engines.kernels import conv_implementation
 from tests.conftest import ROOT
 
 pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
@@ -104,7 +104,7 @@ import functools, sys
 import jax, jax.numpy as jnp, keras, numpy as np
 from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 from model.layers import KernelConv3D
-from engines import mosaic_conv
+from runtime.engines import mosaic_conv
 assert mosaic_conv.hopper_convolution() is None  # a CPU: the tool keeps Keras's convolution
 options = dict(rows=2, interpret=InterpretGPUParams())
 conv = mosaic_conv.kernel_convolution(functools.partial(mosaic_conv.forward, **options),
@@ -157,7 +157,7 @@ import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-from engines import mosaic_conv
+from runtime.engines import mosaic_conv
 # The interpreter's end-of-kernel check reads every device's shared memory, so with two devices
 # interpreted at once it sees the other device's live barriers and fails; each device's barriers
 # are still checked as the interpreter deallocates them.

@@ -5,7 +5,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from dataset.phantom import (BG, CSF, ENHANCING, GM, NECROSIS, OEDEMA, WM, _anatomy, make_case,
+from dataset.phantom.brats import (BG, CSF, ENHANCING, GM, NECROSIS, OEDEMA, WM, _anatomy, make_case,
                              write_brats_phantom)
 
 SHAPE, SEED, N = (64, 64, 48), 4, 3

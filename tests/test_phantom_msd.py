@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from dataset.phantom_msd import make_case, write_msd_phantom
+from dataset.phantom.msd import make_case, write_msd_phantom
 
 N_TRAIN, N_TEST, SEED = 4, 2, 3
 SPACING = (1.0, 1.5, 2.0)

@@ -8,7 +8,7 @@ from dataset import windows
 from dataset.device_transform import finish_train_batch
 from dataset.data_loader import BratsData, SyntheticTFData, split_folds
 from dataset.synthetic import SyntheticData
-from dataset.phantom import write_brats_phantom
+from dataset.phantom.brats import write_brats_phantom
 from dataset.preprocess_data import preprocess
 from dataset.records import encode_example
 from common.errors import UserError

@@ -17,10 +17,10 @@ from main import main
 from model.layers import InstanceNormalization, make_normalization
 from model.losses import dice_ce_loss, eval_dice_per_sample
 from model.unet3d import build_unet3d
-from cli.arguments import parse_args
-from setup.hpu import HPU_DEVICE, setup_hpu
-from setup.precision import Device, choose_dtype, cpu_flags
-from tasks.base import make_task
+from runtime.arguments import parse_args
+from runtime.setup.hpu import HPU_DEVICE, setup_hpu
+from runtime.setup.precision import Device, choose_dtype, cpu_flags
+from runtime.tasks.base import make_task
 from tests.conftest import assert_one_line_error, main_here, tiny_vnet_flags
 
 
@@ -153,7 +153,7 @@ def test_habana_wiring_with_bf16(habana, records):
     assert os.environ["TF_BF16_CONVERSION"] == config
     assert hpu.device == HPU_DEVICE
     assert hpu.dtype == "bf16"
-    # The machine as setup/machine.py resolves it on an HPU, in the fields a task reads.
+    # The machine as runtime/setup/machine.py resolves it on an HPU, in the fields a task reads.
     machine = types.SimpleNamespace(hpu=hpu, seed=None, backend="tensorflow", gpu=False,
                                     conv_kernel="auto", dtype=hpu.dtype)
     task = make_task("unet3d", settings.network, settings.data, machine)

@@ -18,7 +18,7 @@ import threading
 import numpy as np
 import pytest
 
-from loops import checkpoint
+from runtime.loops import checkpoint
 from main import main
 from tests.conftest import (ROOT, assert_one_line_error, main_here, checkpoint_weights as weights_of,
                             tiny_vnet_flags)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from main import main
-from loops import checkpoint
-from loops.hooks import benchmark_stats
+from runtime.loops import checkpoint
+from runtime.loops.hooks import benchmark_stats
 from tests.conftest import (ROOT, assert_one_line_error, main_here, tiny_vnet_flags, unet3d_flags,
                             checkpoint_weights as weights_of)
 
@@ -61,8 +61,8 @@ def test_every_mode(records, unet3d_run, tmp_path):
 
 def test_every_synthetic_test_image_gets_a_mask_name():
     from dataset.synthetic import SyntheticData
-    from cli.arguments import parse_args
-    from tasks.base import make_task
+    from runtime.arguments import parse_args
+    from runtime.tasks.base import make_task
     data = SyntheticData(3, seed=0)
     (images,) = data.test_dataset()
     settings = parse_args(["--synth_data", "--batch_size", "3"])

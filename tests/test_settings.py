@@ -6,8 +6,8 @@ import os
 import keras
 import pytest
 
-from common.settings import DataSettings, UNet3DSettings, VNetSettings
-from tasks.base import make_task
+from runtime.settings import DataSettings, UNet3DSettings, VNetSettings
+from runtime.tasks.base import make_task
 from tests.conftest import assert_one_line_error, main_here
 
 # One test worker runs this file and the other users of conftest's UNet3D run (pytest -n 2 --dist
@@ -91,7 +91,7 @@ def test_a_contradicting_flag_and_a_mixed_ensemble_are_one_line_errors(records, 
 def test_a_model_dir_without_settings_runs_from_the_flags_after_a_notice(trained, tmp_path, capsys):
     import shutil
 
-    from cli.arguments import parse_args
+    from runtime.arguments import parse_args
     old = str(tmp_path / "old")
     shutil.copytree(trained["groupnorm"][0], old)
     os.remove(os.path.join(old, "settings.json"))

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from loops.window_layout import gaussian_importance, sliding_window_shape, window_starts
+from dataset.window_layout import gaussian_importance, sliding_window_shape, window_starts
 from tests.conftest import ROOT, assert_one_line_error, main_here, phantom_records
 
 MIRRORS = [axes for r in range(4) for axes in itertools.combinations((0, 1, 2), r)]
@@ -38,9 +38,9 @@ def tiny_model(seed):
 def make_engine(model):
     import keras
     if keras.backend.backend() == "jax":
-        from engines.jax_engine import JaxEngine
+        from runtime.engines.jax_engine import JaxEngine
         return JaxEngine(model, None, None, None)
-    from engines.tf_engine import TFEngine
+    from runtime.engines.tf_engine import TFEngine
     return TFEngine(model, None, None, None)
 
 
@@ -80,7 +80,7 @@ def brute_force(model, volume, window, starts, tta):
 def check_against_brute_force():
     """Sliding windows (with and without TTA), the centred window with TTA and an ensemble of two
     weight sets, each against its NumPy re-computation, on the current Keras backend."""
-    from loops.inference import Inference
+    from runtime.loops.inference import Inference
     rng = np.random.default_rng(0)
     model = tiny_model(seed=1)
     engine = make_engine(model)
@@ -146,7 +146,7 @@ def trained_dirs(tmp_path_factory):
     """Phantom records (one validation volume of 48×48×40) and three checkpoint folders: two
     UNet3Ds of other seeds, and one of another network (batch normalization)."""
     from model.unet3d import build_unet3d
-    from loops import checkpoint
+    from runtime.loops import checkpoint
     root = tmp_path_factory.mktemp("ensemble")
     records = phantom_records(str(root), 3, (48, 48, 40), seed=4)
     dirs = {}

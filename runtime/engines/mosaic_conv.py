@@ -2,7 +2,7 @@
 
 On the JAX backend with Hopper GPUs, UNet3D's Conv3D layers of up to 32 channels in and out (the
 128³ level of a training crop) compute their forward pass and their input gradient with this kernel
-and their kernel gradient with XLA (`hopper_convolution`, chosen by engines/kernels.py; --conv_kernel
+and their kernel gradient with XLA (`hopper_convolution`, chosen by runtime/engines/kernels.py; --conv_kernel
 keras turns it off). With several GPUs in one process the kernel runs on each GPU's share of the
 batch (`sharded`). Its timings against cuDNN are in docs/performance.md.
 

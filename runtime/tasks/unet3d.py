@@ -1,5 +1,5 @@
 """UNet3D on BraTS TFRecords (or the phantom BraTS data, or synthetic data)."""
-from tasks.base import Task
+from runtime.tasks.base import Task
 
 GPU_CHANNEL_MULTIPLE = 8  # cuDNN's fast 3-D convolution kernels want 8 or more input channels
 
@@ -25,7 +25,7 @@ class UNet3DTask(Task):
                                    prefetch_device=self.prefetch_device)
         data_dir = d.data_dir
         if data_dir is None:
-            from tasks.demo_data import phantom_brats
+            from runtime.tasks.demo_data import phantom_brats
             data_dir = phantom_brats()
         data = BratsData(data_dir, batch_size, fold=net.fold, num_folds=net.num_folds, seed=self.seed,
                          augment=d.augment, worker_id=worker_id, num_workers=num_workers,
@@ -45,7 +45,7 @@ class UNet3DTask(Task):
         from model.unet3d import build_unet3d
         conv_implementation, multiple = None, None
         if self.machine is not None:
-            from engines.kernels import conv_implementation as choose
+            from runtime.engines.kernels import conv_implementation as choose
             conv_implementation = choose(self.machine)
             multiple = GPU_CHANNEL_MULTIPLE if self.machine.gpu else None
         return build_unet3d(in_channels=self.net.in_channels, n_classes=self.net.n_classes,
@@ -98,5 +98,5 @@ class UNet3DTask(Task):
 
     def nifti_writer(self, data, out_dir):
         """Masks as <case>.nii.gz in the source's label values on the case's grid."""
-        from tasks.masks import brats_nifti_writer
+        from runtime.tasks.masks import brats_nifti_writer
         return brats_nifti_writer(out_dir, data.eval_records, self.convention())

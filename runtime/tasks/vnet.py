@@ -1,7 +1,7 @@
 """V-Net on an MSD task folder (or the phantom hippocampus data)."""
 import math
 
-from tasks.base import Task
+from runtime.tasks.base import Task
 
 
 class VNetTask(Task):
@@ -16,7 +16,7 @@ class VNetTask(Task):
         d, net = self.data_settings, self.net
         data_dir = d.data_dir
         if data_dir is None:
-            from tasks.demo_data import phantom_msd
+            from runtime.tasks.demo_data import phantom_msd
             data_dir = phantom_msd()
         return MsdData(data_dir, net.input_shape, batch_size or d.batch_size,
                        train_split=net.train_split, seed=self.seed, augment=d.augment,
@@ -71,5 +71,5 @@ class VNetTask(Task):
 
     def nifti_writer(self, data, out_dir):
         """Masks resampled back onto each test image's own grid, as <name>.nii.gz."""
-        from tasks.masks import msd_nifti_writer
+        from runtime.tasks.masks import msd_nifti_writer
         return msd_nifti_writer(out_dir, data.test_paths, data.test_names)

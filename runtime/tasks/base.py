@@ -30,7 +30,7 @@ class Task:
 def make_task(model, net, data_settings, machine=None):
     """The task of `model` ('unet3d' or 'vnet') for its settings section `net`."""
     if model == "unet3d":
-        from tasks.unet3d import UNet3DTask
+        from runtime.tasks.unet3d import UNet3DTask
         return UNet3DTask(net, data_settings, machine)
-    from tasks.vnet import VNetTask
+    from runtime.tasks.vnet import VNetTask
     return VNetTask(net, data_settings, machine)

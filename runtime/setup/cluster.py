@@ -50,9 +50,9 @@ class Cluster:
     @staticmethod
     def broadcast(arrays):
         """Process 0's value of `arrays` (NumPy arrays, a list of them), on every JAX process,
-        once every process has come here (common/jax_barrier.py)."""
+        once every process has come here (runtime/engines/jax_barrier.py)."""
         from jax.experimental import multihost_utils
-        from common.jax_barrier import wait_for_every_jax_process
+        from runtime.engines.jax_barrier import wait_for_every_jax_process
         wait_for_every_jax_process("broadcast")
         return multihost_utils.broadcast_one_to_all(arrays)
 

@@ -1,6 +1,6 @@
 """The loops of every mode, the same on every backend: an engine runs the steps, hooks do the rest.
 
-Every loop stops early on SIGTERM, SIGINT or SIGUSR1 (loops/stopping.py): training after the
+Every loop stops early on SIGTERM, SIGINT or SIGUSR1 (runtime/loops/stopping.py): training after the
 step the workers agree on, with its checkpoint written by the hooks; evaluation and prediction
 between two volumes, the files already written complete. The loop then raises `Stopped`.
 """
@@ -10,7 +10,7 @@ import os
 import numpy as np
 
 from common.output_files import replacing
-from loops.stopping import AGREE_EVERY, StopRequest, Stopped
+from runtime.loops.stopping import AGREE_EVERY, StopRequest, Stopped
 
 
 class Trainer:

@@ -1,5 +1,5 @@
 """Where sliding windows go over a volume (nnU-Net's layout) and how they are weighted (a Gaussian
-importance map), in NumPy; loops/inference.py runs the windows."""
+importance map), in NumPy; runtime/loops/inference.py runs the windows."""
 import itertools
 import math
 

@@ -1,7 +1,7 @@
 """Hooks: what happens around the steps of every mode (logs, progress, benchmark, checkpoints), and
 the Logger they write through (stdout, log.json, TensorBoard).
 
-The loops in loops/trainer.py call, on every hook of a `Hooks` list:
+The loops in runtime/loops/trainer.py call, on every hook of a `Hooks` list:
   begin(mode, total_steps, first_step)   mode is "train", "eval" or "predict"
   after_step(mode, step, batch_size, loss)   loss is a float when the step was synced, else None
   end(mode, step, results)   results: the metrics of an evaluation, else {}
@@ -296,5 +296,5 @@ class TrainingCurvesHook(Hook):
 
     def write(self):
         """Draw the curves so far into the PNG."""
-        from loops.pictures import training_curves_png
+        from runtime.loops.pictures import training_curves_png
         training_curves_png(self.path, self.losses, self.evaluations)

@@ -22,9 +22,9 @@ class Machine:
     """What a run computes on and writes to; `tf` is TensorFlow when imported, else None."""
     backend: str
     tf: object
-    hpu: object  # setup.hpu.Hpu or None
-    cluster: object  # setup.cluster.Cluster
-    device: object  # setup.precision.Device of this process
+    hpu: object  # runtime.setup.hpu.Hpu or None
+    cluster: object  # runtime.setup.cluster.Cluster
+    device: object  # runtime.setup.precision.Device of this process
     dtype: str  # 'fp32', 'bf16' or 'fp16' (--use_amp)
     policy: str  # the Keras dtype policy in force
     use_xla: bool
@@ -107,9 +107,9 @@ def _import_tensorflow(settings):
 
 def resolve_machine(settings):
     """Set the machine up for `settings` and describe it (see the module's docstring)."""
-    from setup.cluster import make_cluster
-    from setup.hpu import check_bf16_config, setup_hpu
-    from setup.precision import Device, choose_dtype, keras_policy, local_device
+    from runtime.setup.cluster import make_cluster
+    from runtime.setup.hpu import check_bf16_config, setup_hpu
+    from runtime.setup.precision import Device, choose_dtype, keras_policy, local_device
     precision, run = settings.precision, settings.run
     if precision.bf16_config_explicit:
         check_bf16_config(precision.bf16_config_path)

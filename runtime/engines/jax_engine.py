@@ -11,7 +11,7 @@ variables, so that process 0 evaluates and predicts while the others have finish
 Training batches are copied to the devices by a background thread, ahead of the step that uses
 them, so the copy overlaps the previous step. Several processes agree on a stop (`agree`) through
 an all-gather of one number (jax.experimental.multihost_utils). Several processes compile the
-training step ahead of its first run and meet at a barrier (common/jax_barrier.py) before running
+training step ahead of its first run and meet at a barrier (runtime/engines/jax_barrier.py) before running
 it: one that compiles more slowly must not keep the others inside the step's first all-reduce.
 """
 import os
@@ -21,7 +21,7 @@ import threading
 import jax
 import numpy as np
 
-from common.jax_barrier import wait_for_every_jax_process
+from runtime.engines.jax_barrier import wait_for_every_jax_process
 
 PREFETCH_DEPTH = 2
 

@@ -1,7 +1,7 @@
 """Summarize cross-validation: each fold's final evaluation from its log.json, and the averages.
 
-usage: python cli/parse_results.py RESULTS_DIR [--folds 5]
-       python cli/parse_results.py --check FOLD_DIR   (exit 0 when that fold has finished)
+usage: python runtime/parse_results.py RESULTS_DIR [--folds 5]
+       python runtime/parse_results.py --check FOLD_DIR   (exit 0 when that fold has finished)
 """
 import argparse
 import json

@@ -18,7 +18,7 @@ from dataset.conventions import CONVENTIONS, DEFAULT_CONVENTION
 from dataset.device_transform import ZSCORE_EPS
 from dataset.layouts import channel_names
 from dataset.windows import MAX_CROP, MULTIPLE
-from loops.window_layout import MIN_IMPORTANCE, SIGMA_SCALE
+from dataset.window_layout import MIN_IMPORTANCE, SIGMA_SCALE
 
 SAVED_MODEL = "saved_model"
 ONNX_FILE = "model.onnx"

@@ -12,7 +12,7 @@ import pytest
 
 from common.errors import UserError
 from dataset.conventions import CONVENTIONS
-from dataset.phantom import write_brats_phantom
+from dataset.phantom.brats import write_brats_phantom
 from dataset.preprocess_data import main as preprocess_main
 from dataset.preprocess_data import preprocess
 from tests.conftest import main_here
@@ -110,8 +110,8 @@ def test_each_layout_preprocesses_trains_and_predicts(written, capsys):
 @pytest.mark.parametrize("key", list(LAYOUTS), ids=IDS)
 def test_evaluation_names_the_conventions_classes(key):
     """brats2021 keeps the reference's names; the others report their convention's."""
-    from tasks.unet3d import UNet3DTask
-    from common.settings import UNet3DSettings, DataSettings
+    from runtime.tasks.unet3d import UNet3DTask
+    from runtime.settings import UNet3DSettings, DataSettings
     convention = CONVENTIONS[LAYOUTS[key][0]]
     net = UNet3DSettings(convention=convention.name, n_classes=convention.n_classes)
     _, metrics = UNet3DTask(net, DataSettings(), None).loss_and_metrics(None)
@@ -128,7 +128,7 @@ def test_the_mask_writer_gives_back_each_layouts_own_labels_on_its_grid(written,
 
     from dataset.record_info import read_info
     from dataset.records import decode_example, decode_metadata
-    from tasks.masks import brats_nifti_writer
+    from runtime.tasks.masks import brats_nifti_writer
     key, _, nifti, records = written
     info = read_info(records)
     for name in sorted(os.listdir(records)):
@@ -275,7 +275,7 @@ def test_user_error_for_an_unknown_case_name(tmp_path):
 
 
 def test_settings_take_the_records_convention_and_refuse_a_contradicting_saved_network():
-    from common.settings import FlagError, resolve
+    from runtime.settings import FlagError, resolve
     ped = {"convention": "brats-ped", "in_channels": 4, "n_classes": 5}
     net = resolve({}, environ={}, records=ped).network
     assert (net.convention, net.in_channels, net.n_classes) == ("brats-ped", 4, 5)

@@ -1,14 +1,14 @@
 """The command line: every flag of the references, grouped by section, parsed into `Settings`.
 
 This is the one module that sees the argparse Namespace: `parse_args` hands its values to
-common/settings.py, which fills the defaults and checks the flags together, binding the
+runtime/settings.py, which fills the defaults and checks the flags together, binding the
 network-defining ones to a model_dir's saved settings. Errors are one line naming the flag.
 """
 import argparse
 import os
 
-from common.run_record import saved_network
-from common.settings import EXEC_MODES, GRADIENT_CLIPPING, MODELS, FlagError, resolve
+from runtime.run_record import saved_network
+from runtime.settings import EXEC_MODES, GRADIENT_CLIPPING, MODELS, FlagError, resolve
 
 
 def positive_int(text):
@@ -231,7 +231,7 @@ def _add_precision_flags(parser):
                        help="auto: with --backend jax, bf16 and one Hopper GPU (H100, H200), UNet3D's "
                             "3×3×3 convolutions of up to 32 channels (its 128³ level in training) "
                             "compute their forward pass and input gradient with the tool's Mosaic GPU "
-                            "kernel (engines/mosaic_conv.py); "
+                            "kernel (runtime/engines/mosaic_conv.py); "
                             "keras: Keras's (XLA's) convolutions everywhere (default: %(default)s)")
     group.add_argument("--no_hpu", action="store_true",
                        help="do not look for a Habana Gaudi card. Without this flag the HPU is used "
@@ -300,8 +300,8 @@ def parse_args(argv=None, environ=None):
     A flag error exits with status 2 and one line; an unreadable saved settings file or an
     ensemble of different networks is a UserError.
     """
-    from loops.checkpoint import latest_checkpoint
-    from setup.cluster import launched_by
+    from runtime.loops.checkpoint import latest_checkpoint
+    from runtime.setup.cluster import launched_by
     parser = build_parser()
     flags = dict(vars(parser.parse_args(argv)))
     for name in ("num_workers_per_hls", "hls_type", "kubernetes_run"):  # the reference's, unused

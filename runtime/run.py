@@ -7,15 +7,15 @@ import os
 
 import numpy as np
 
-from common import run_lock, run_record
+from runtime import run_lock, run_record
 from common.errors import UserError
-from loops import checkpoint
-from loops.hooks import (BenchmarkHook, CheckpointHook, EvalEveryHook, Hooks, Logger, LoggingHook,
+from runtime.loops import checkpoint
+from runtime.loops.hooks import (BenchmarkHook, CheckpointHook, EvalEveryHook, Hooks, Logger, LoggingHook,
                          ProfileHook, ProgressHook, TensorBoard, TrainingCurvesHook)
-from loops.stopping import Stopped, signal_name
-from loops.trainer import Trainer
-from setup.machine import resolve_machine
-from tasks.base import make_task
+from runtime.loops.stopping import Stopped, signal_name
+from runtime.loops.trainer import Trainer
+from runtime.setup.machine import resolve_machine
+from runtime.tasks.base import make_task
 
 
 def make_logger(settings, machine):
@@ -53,7 +53,7 @@ def hyperparameters(settings, machine):
 
 
 def saved_fields(settings, machine, task, data):
-    """(network, run) sections of the run's settings.json (common/run_record.py); the run section
+    """(network, run) sections of the run's settings.json (runtime/run_record.py); the run section
     names the optimizer, its ε and its update rule."""
     network = settings.network_fields()
     if settings.run.model == "vnet":
@@ -130,8 +130,8 @@ def make_inference(settings, data, engine, model, members):
     cases = run_settings.evaluates and (run_settings.save_png or inference.challenge_metrics)
     if not (inference.sliding_window or inference.tta or members or saves or cases):
         return None
-    from loops.inference import Inference
-    from loops.window_layout import sliding_window_shape
+    from runtime.loops.inference import Inference
+    from dataset.window_layout import sliding_window_shape
     window = sliding_window_shape(data.volume_shape) if inference.sliding_window else None
     return Inference(engine, int(model.output.shape[-1]), members=members, window=window,
                      overlap=inference.overlap, sw_batch_size=inference.sw_batch_size,
@@ -183,10 +183,10 @@ def build(settings, machine, task, data):
     if machine.backend == "jax":
         import keras
 
-        from engines.jax_engine import JaxEngine
+        from runtime.engines.jax_engine import JaxEngine
         distribution = keras.distribution.DataParallel() if cluster.num_replicas > 1 else None
         # Several processes make their variables on their own devices and the engine joins them
-        # into replicated arrays (engines/jax_engine.py, `_replicated_state`): under a global
+        # into replicated arrays (runtime/engines/jax_engine.py, `_replicated_state`): under a global
         # distribution, Keras would compare every variable between the processes.
         keras.distribution.set_distribution(None if cluster.broadcasts else distribution)
         model, optimizer = _model_and_optimizer(settings, task, data)
@@ -194,7 +194,7 @@ def build(settings, machine, task, data):
         engine = JaxEngine(model, optimizer, loss_fn, metrics_fn, distribution, finish_batch)
         return model, optimizer, engine
 
-    from engines.tf_engine import TFEngine
+    from runtime.engines.tf_engine import TFEngine
     with cluster.strategy.scope():
         model, optimizer = _model_and_optimizer(settings, task, data)
     hvd, tf = cluster.horovod, machine.tf
@@ -229,7 +229,7 @@ def case_report(settings, machine, data, evaluating):
     metrics = settings.inference.challenge_metrics and evaluating
     if not (metrics or run_settings.save_png):
         return None
-    from loops.case_report import CaseReport
+    from runtime.loops.case_report import CaseReport
     png_dir = None
     if run_settings.save_png:
         png_dir = os.path.join(run_settings.output_dir or machine.model_dir, "png")
@@ -241,7 +241,7 @@ def case_report(settings, machine, data, evaluating):
     convention = CONVENTIONS[settings.network.convention]
     challenge = None
     if metrics:
-        from loops.challenge_metrics import ChallengeMetrics
+        from runtime.loops.challenge_metrics import ChallengeMetrics
         challenge = ChallengeMetrics(convention)
     return CaseReport(data.eval_records, convention.names, challenge, png_dir)
 
@@ -263,7 +263,7 @@ class ClassCount:
 
 def export(settings):
     """--exec_mode export: the newest checkpoint of --model_dir, built from its settings.json in
-    float32 on TensorFlow, written by loops/export.py into --export_dir; returns metadata.json's
+    float32 on TensorFlow, written by runtime/loops/export.py into --export_dir; returns metadata.json's
     body."""
     from common.quiet_import import import_tensorflow
     run_settings = settings.run
@@ -276,7 +276,7 @@ def export(settings):
     import_tensorflow(run_settings.tf_verbosity)
     import keras
 
-    from loops.export import describe, write_export
+    from runtime.loops.export import describe, write_export
     keras.mixed_precision.set_dtype_policy("float32")
     network = saved["network"]
     task = make_task(run_settings.model, settings.network, settings.data)

@@ -3,12 +3,12 @@
 
 def conv_implementation(machine):
     """What computes UNet3D's 3×3×3 convolutions besides Keras: with --conv_kernel auto, bf16 and
-    the JAX backend on Hopper GPUs in one process, engines/mosaic_conv.py's kernel (with a one-line notice);
+    the JAX backend on Hopper GPUs in one process, runtime/engines/mosaic_conv.py's kernel (with a one-line notice);
     else None, Keras's convolution everywhere."""
     if machine.conv_kernel != "auto" or machine.backend != "jax" or machine.dtype != "bf16":
         return None
     try:
-        from engines.mosaic_conv import hopper_convolution
+        from runtime.engines.mosaic_conv import hopper_convolution
     except ImportError:  # a JAX without Pallas' Mosaic GPU backend
         return None
     implementation = hopper_convolution()

@@ -5,7 +5,7 @@ flag was left out) into one frozen `Settings`; nothing changes it afterwards. A 
 `FlagError` whose text names the flag; the command line reports it as a one-line error.
 
 The network-defining fields (`NETWORK_FIELDS`) of a model_dir's saved settings bind: a flag that
-repeats one may be left out, one that contradicts it is an error (common/run_record.py reads them).
+repeats one may be left out, one that contradicts it is an error (runtime/run_record.py reads them).
 """
 import dataclasses
 import os
@@ -74,7 +74,7 @@ class RunSettings:
 
     @property
     def exports(self):
-        """Whether this mode exports the trained model (loops/export.py)."""
+        """Whether this mode exports the trained model (runtime/loops/export.py)."""
         return self.exec_mode == "export"
 
 
@@ -101,7 +101,7 @@ class InferenceSettings:
 
 @dataclass(frozen=True)
 class PrecisionSettings:
-    """Backend, precision and devices as asked for (setup/machine.py resolves what is left open)."""
+    """Backend, precision and devices as asked for (runtime/setup/machine.py resolves what is left open)."""
     backend: str = "tensorflow"
     dtype: Optional[str] = None  # None: bf16 where the device runs it natively, else fp32
     use_amp: bool = False

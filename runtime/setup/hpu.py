@@ -13,7 +13,7 @@ import json
 import os
 
 from common.errors import UserError
-from setup.precision import Device, choose_dtype
+from runtime.setup.precision import Device, choose_dtype
 
 HPU_DEVICE = "/device:HPU:0"
 BF16_KEYS = ("allowlist", "conditional_list", "strict_conditional_list", "non_convertible_exceptions",

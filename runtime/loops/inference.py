@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from keras import ops
 
-from loops.window_layout import gaussian_importance, importance_sum, window_grid
+from dataset.window_layout import gaussian_importance, importance_sum, window_grid
 
 # The 8 mirrorings of the three spatial axes of a (B, D, H, W, C) batch, the identity first.
 MIRRORS = tuple(axes for r in range(4) for axes in itertools.combinations((1, 2, 3), r))

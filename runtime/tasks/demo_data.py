@@ -3,8 +3,8 @@ import os
 import shutil
 import tempfile
 
-from dataset.phantom import write_brats_phantom
-from dataset.phantom_msd import write_msd_phantom
+from dataset.phantom.brats import write_brats_phantom
+from dataset.phantom.msd import write_msd_phantom
 from dataset.preprocess_data import preprocess
 
 VERSION = 1

@@ -4,11 +4,11 @@ import os
 
 import numpy as np
 
-from loops.challenge_metrics import record_spacing, region_means, write_csv
+from runtime.loops.challenge_metrics import record_spacing, region_means, write_csv
 
 
 class CaseReport:
-    """A `case_fn(i, image, one-hot truth or None, mask)` for the loops of loops/trainer.py.
+    """A `case_fn(i, image, one-hot truth or None, mask)` for the loops of runtime/loops/trainer.py.
 
     `records`: the cases' metadata (case name, affine); `class_names`: a name per class of the
     network; `metrics`: a ChallengeMetrics of the network's label convention, or None;
@@ -40,7 +40,7 @@ class CaseReport:
                                            convention.to_source(classes),
                                            record_spacing(record))
         if self.png_dir is not None:
-            from loops.pictures import case_png
+            from runtime.loops.pictures import case_png
             case_png(os.path.join(self.png_dir, f"{name}.png"), np.asarray(image)[..., 0], mask,
                      classes, self.class_names, title=name)
 

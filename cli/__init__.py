@@ -1,1 +1,0 @@
-"""The command line: flags, their parsing into Settings, and the cross-validation table."""

@@ -1,0 +1,1 @@
+"""Setting a machine up for a run: devices, workers, precision, Habana, XLA."""

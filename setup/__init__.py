@@ -1,1 +1,0 @@
-"""Setting a machine up for a run (devices, workers, precision, Habana, XLA) and the run itself."""
