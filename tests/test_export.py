@@ -85,7 +85,7 @@ def vnet(tmp_path_factory):
 
 def keras_model(model_dir):
     """The Keras model of model_dir's newest checkpoint, built from its settings.json."""
-    from common import run_record
+    from runtime import run_record
     from runtime.settings import DataSettings, NETWORK_SECTIONS
     from runtime.loops import checkpoint
     from runtime.run import ClassCount
