@@ -1,9 +1,13 @@
 """One run of the tool, stage by stage: the machine, the task and its data, model, engine and hooks,
 then the modes. Everything comes from the frozen Settings and the resolved Machine."""
+from __future__ import annotations
+
 import contextlib
 import itertools
 import math
 import os
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import numpy as np
 
@@ -14,11 +18,26 @@ from runtime.loops.hooks import (BenchmarkHook, CheckpointHook, EvalEveryHook, H
                          ProfileHook, ProgressHook, TensorBoard, TrainingCurvesHook)
 from runtime.loops.stopping import Stopped, signal_name
 from runtime.loops.trainer import Trainer
-from runtime.setup.machine import resolve_machine
-from runtime.tasks.base import make_task
+from runtime.engines.engine import Engine
+from runtime.settings import Settings
+from runtime.setup.machine import Machine, resolve_machine
+from runtime.tasks.base import Task, TaskData, make_task
 
 
-def make_logger(settings, machine):
+@dataclass(frozen=True)
+class Parts:
+    """What a run builds once and its stages share: the settings and machine, the network's task
+    and data, the model, its optimizer and the engine that compiles their steps."""
+    settings: Settings
+    machine: Machine
+    task: Task
+    data: TaskData
+    model: Any
+    optimizer: Any
+    engine: Engine
+
+
+def make_logger(settings: Settings, machine: Machine) -> Logger:
     """The Logger of this worker: stdout and log.json, and TensorBoard with --tensorboard_logging."""
     tensorboard = None
     if settings.run.tensorboard_logging and machine.writes:
@@ -26,8 +45,10 @@ def make_logger(settings, machine):
     return Logger(machine.log_dir, enabled=machine.writes, tensorboard=tensorboard)
 
 
-def make_hooks(settings, machine, logger, save_fn, global_batch, engine):
+def make_hooks(parts: Parts, logger: Logger, save_fn) -> Hooks:
     """The hooks every mode shares."""
+    settings, machine, engine = parts.settings, parts.machine, parts.engine
+    global_batch = settings.data.batch_size * machine.cluster.num_replicas
     run = settings.run
     hooks = [LoggingHook(logger, run.log_every), ProgressHook()]
     if run.dump_config and logger.enabled:
@@ -41,7 +62,7 @@ def make_hooks(settings, machine, logger, save_fn, global_batch, engine):
     return Hooks(hooks)
 
 
-def hyperparameters(settings, machine):
+def hyperparameters(settings: Settings, machine: Machine) -> dict:
     """The run's scalar settings, flat, for TensorBoard's hparams."""
     values = {"dtype": machine.dtype, "use_xla": machine.use_xla}
     for section in (settings.run, settings.data, settings.inference, settings.precision,
@@ -52,9 +73,10 @@ def hyperparameters(settings, machine):
     return values
 
 
-def saved_fields(settings, machine, task, data):
+def saved_fields(parts: Parts) -> tuple[dict, dict]:
     """(network, run) sections of the run's settings.json (runtime/run_record.py); the run section
     names the optimizer, its ε and its update rule."""
+    settings, machine, task, data = parts.settings, parts.machine, parts.task, parts.data
     network = settings.network_fields()
     if settings.run.model == "vnet":
         network["n_classes"] = data.n_classes
@@ -64,12 +86,12 @@ def saved_fields(settings, machine, task, data):
     return network, used
 
 
-def read_checkpoint(cluster, path, model, optimizer=None):
+def read_checkpoint(cluster, path: Optional[str], model, optimizer=None) -> Optional[int]:
     """Load the checkpoint at `path` (None: there is none) into `model` (and `optimizer`); returns
     its step, or None without one. Several JAX processes take process 0's: it alone reads the
     file and broadcasts the arrays, and every process assigns the same ones (JAX assigns a
     variable of the global mesh on every process together)."""
-    if not cluster.broadcasts:
+    if not cluster.jax_processes:
         return checkpoint.restore(path, model, optimizer) if path is not None else None
     import keras
     variables = checkpoint.variables_of(model, optimizer)
@@ -86,7 +108,7 @@ def read_checkpoint(cluster, path, model, optimizer=None):
     return step
 
 
-def newest_checkpoint(model_dir, exec_mode):
+def newest_checkpoint(model_dir: str, exec_mode: str) -> tuple[int, str]:
     """(step, path) of model_dir's newest checkpoint; a UserError when it has none."""
     found = checkpoint.latest_checkpoint(model_dir)
     if found is None:
@@ -95,14 +117,14 @@ def newest_checkpoint(model_dir, exec_mode):
     return found
 
 
-def restore_for_inference(settings, model, engine, cluster):
+def restore_for_inference(parts: Parts) -> tuple[Optional[int], Optional[list]]:
     """Load the newest checkpoint of every --model_dir into `model`, in turn.
 
     Returns (the first one's step, the members' weights from `engine.snapshot()` when several
     form an ensemble, else None). A checkpoint that does not fit the first one's network is a
     UserError naming its folder. Several JAX processes take process 0's checkpoint."""
-    run = settings.run
-    if cluster.broadcasts:
+    run, model, cluster = parts.settings.run, parts.model, parts.machine.cluster
+    if cluster.jax_processes:
         path = newest_checkpoint(run.model_dir, run.exec_mode)[1] if cluster.is_chief else None
         return read_checkpoint(cluster, path, model), None
     step, members = None, []
@@ -117,34 +139,35 @@ def restore_for_inference(settings, model, engine, cluster):
                             f"one in --model_dir {run.model_dirs[0]}, so they cannot form an "
                             f"ensemble ({err})") from None
         step = restored if step is None else step
-        members.append(engine.snapshot())
+        members.append(parts.engine.snapshot())
     return step, members if len(members) > 1 else None
 
 
-def make_inference(settings, data, engine, model, members):
+def make_inference(parts: Parts, members: Optional[list]):
     """The `Inference` of the settings (sliding windows, mirroring, an ensemble, masks of the
     evaluated cases), or None when the plain centred-window steps serve: one model, no
     mirroring, no probabilities to save, no case to picture or score."""
-    inference, run_settings = settings.inference, settings.run
+    inference, run_settings = parts.settings.inference, parts.settings.run
     saves = inference.save_probabilities and run_settings.predicts
     cases = run_settings.evaluates and (run_settings.save_png or inference.challenge_metrics)
     if not (inference.sliding_window or inference.tta or members or saves or cases):
         return None
     from runtime.loops.inference import Inference
     from dataset.window_layout import sliding_window_shape
-    window = sliding_window_shape(data.volume_shape) if inference.sliding_window else None
-    return Inference(engine, int(model.output.shape[-1]), members=members, window=window,
+    window = sliding_window_shape(parts.data.volume_shape) if inference.sliding_window else None
+    return Inference(parts.engine, int(parts.model.output.shape[-1]), members=members, window=window,
                      overlap=inference.overlap, sw_batch_size=inference.sw_batch_size,
                      tta=inference.tta)
 
 
-def start_step_for_training(settings, machine, model, optimizer):
+def start_step_for_training(parts: Parts) -> int:
     """0 for a new run; the checkpoint's step with --resume_training. Never overwrites silently.
 
     Several JAX processes take process 0's checkpoint (broadcast from it), so only process 0
     needs to see model_dir."""
-    cluster, resume = machine.cluster, settings.run.resume_training
-    reads = cluster.is_chief or not cluster.broadcasts
+    machine, resume = parts.machine, parts.settings.run.resume_training
+    cluster = machine.cluster
+    reads = cluster.is_chief or not cluster.jax_processes
     found = checkpoint.latest_checkpoint(machine.model_dir) if reads else None
     if found is not None and not resume:
         raise UserError(f"--model_dir {machine.model_dir} already holds a checkpoint (step "
@@ -152,7 +175,7 @@ def start_step_for_training(settings, machine, model, optimizer):
                         "--model_dir")
     if found is None and reads and resume:
         print(f"no checkpoint in {machine.model_dir}: training from the start", flush=True)
-    step = read_checkpoint(cluster, found and found[1], model, optimizer)
+    step = read_checkpoint(cluster, found and found[1], parts.model, parts.optimizer)
     if step is None:
         return 0
     print(f"resuming from {found[1] if found else 'the checkpoint of process 0'} at step {step}",
@@ -175,7 +198,7 @@ def _model_and_optimizer(settings, task, data):
     return model, optimizer
 
 
-def build(settings, machine, task, data):
+def build(settings: Settings, machine: Machine, task: Task, data: TaskData) -> Parts:
     """Model, optimizer (built, so its state can be restored) and engine, on the cluster's devices."""
     loss_fn, metrics_fn = task.loss_and_metrics(data)
     finish_batch = task.finish_train_batch()
@@ -188,11 +211,11 @@ def build(settings, machine, task, data):
         # Several processes make their variables on their own devices and the engine joins them
         # into replicated arrays (runtime/engines/jax_engine.py, `_replicated_state`): under a global
         # distribution, Keras would compare every variable between the processes.
-        keras.distribution.set_distribution(None if cluster.broadcasts else distribution)
+        keras.distribution.set_distribution(None if cluster.jax_processes else distribution)
         model, optimizer = _model_and_optimizer(settings, task, data)
         keras.distribution.set_distribution(distribution)
         engine = JaxEngine(model, optimizer, loss_fn, metrics_fn, distribution, finish_batch)
-        return model, optimizer, engine
+        return Parts(settings, machine, task, data, model, optimizer, engine)
 
     from runtime.engines.tf_engine import TFEngine
     with cluster.strategy.scope():
@@ -203,28 +226,29 @@ def build(settings, machine, task, data):
     engine = TFEngine(model, optimizer, loss_fn, metrics_fn, use_xla=machine.use_xla,
                       strategy=cluster.strategy, all_reduce=all_reduce, finish_batch=finish_batch,
                       agree_across=agree)
-    return model, optimizer, engine
+    return Parts(settings, machine, task, data, model, optimizer, engine)
 
 
-def make_save_fn(settings, machine, task, data, engine, model, optimizer):
+def make_save_fn(parts: Parts):
     """`save(step)`: the run's settings.json and a checkpoint into model_dir; None where this
     worker writes no checkpoints (another worker's run, benchmarks, --disable_ckpt_saving)."""
-    run_settings = settings.run
+    run_settings, machine = parts.settings.run, parts.machine
     if (not run_settings.trains or not machine.writes or run_settings.benchmark
             or run_settings.disable_ckpt_saving):
         return None
-    network, used = saved_fields(settings, machine, task, data)
+    network, used = saved_fields(parts)
 
     def save(step):
-        engine.commit()
+        parts.engine.commit()
         run_record.write(machine.model_dir, network, used)
-        checkpoint.save(machine.model_dir, step, model, optimizer)
+        checkpoint.save(machine.model_dir, step, parts.model, parts.optimizer)
     return save
 
 
-def case_report(settings, machine, data, evaluating):
+def case_report(parts: Parts, evaluating: bool):
     """The `CaseReport` of evaluate (`evaluating`) or predict: the challenge's metrics of each
     case and its picture into output_dir/png, as the flags ask; None when they ask for neither."""
+    settings, machine, data = parts.settings, parts.machine, parts.data
     run_settings = settings.run
     metrics = settings.inference.challenge_metrics and evaluating
     if not (metrics or run_settings.save_png):
@@ -246,7 +270,7 @@ def case_report(settings, machine, data, evaluating):
     return CaseReport(data.eval_records, convention.names, challenge, png_dir)
 
 
-def whole_volume(settings):
+def whole_volume(settings: Settings) -> bool:
     """Whether evaluate and predict need whole volumes in one process (sliding windows, mirroring,
     probabilities to save, an ensemble)."""
     inference = settings.inference
@@ -261,7 +285,7 @@ class ClassCount:
         self.n_classes = n_classes
 
 
-def export(settings):
+def export(settings: Settings) -> dict:
     """--exec_mode export: the newest checkpoint of --model_dir, built from its settings.json in
     float32 on TensorFlow, written by runtime/loops/export.py into --export_dir; returns metadata.json's
     body."""
@@ -289,13 +313,13 @@ def export(settings):
     return body
 
 
-def run(settings):
+def run(settings: Settings) -> dict:
     """Run the modes `settings.run.exec_mode` asks for; returns a dict of what each produced."""
     if settings.run.exports:
         return {"export": export(settings)}
     machine = resolve_machine(settings)
     cluster, run_settings = machine.cluster, settings.run
-    if cluster.broadcasts and whole_volume(settings) and run_settings.exec_mode != "train":
+    if cluster.jax_processes and whole_volume(settings) and run_settings.exec_mode != "train":
         raise UserError("--sliding_window, --tta, --save_probabilities and ensembles run in one "
                         "process: train with several, then evaluate or predict with one")
     if run_settings.eval_every and cluster.num_workers > 1:
@@ -305,30 +329,28 @@ def run(settings):
     with cluster.failures(), (run_lock.holding(machine.model_dir) if locks else contextlib.nullcontext()):
         logger = make_logger(settings, machine)
         task = make_task(run_settings.model, settings.network, settings.data, machine)
-        local = machine.local_batch
+        local = cluster.local_replicas
         data = task.data(cluster.worker_id * local, cluster.num_workers * local,
                          settings.data.batch_size * local,
                          need_eval=run_settings.evaluates or bool(run_settings.eval_every),
                          need_test=run_settings.predicts, local_streams=local)
-        model, optimizer, engine = build(settings, machine, task, data)
-
-        save_fn = make_save_fn(settings, machine, task, data, engine, model, optimizer)
-        global_batch = settings.data.batch_size * cluster.num_replicas
-        hooks = make_hooks(settings, machine, logger, save_fn, global_batch, engine)
-        trainer = Trainer(engine, hooks, run_settings.log_every, sync_every_step=run_settings.benchmark,
+        parts = build(settings, machine, task, data)
+        save_fn = make_save_fn(parts)
+        hooks = make_hooks(parts, logger, save_fn)
+        trainer = Trainer(parts.engine, hooks, run_settings.log_every, sync_every_step=run_settings.benchmark,
                           dump_dir=run_settings.dump_config if machine.writes else None)
         if run_settings.eval_every:
             hooks.add(EvalEveryHook(lambda step: trainer.evaluate(
                 data.eval_dataset(), step, total=math.ceil(data.n_eval / data.batch_size)),
                 run_settings.eval_every))
         try:
-            return run_modes(settings, machine, task, data, model, optimizer, trainer, logger)
+            return run_modes(parts, trainer, logger)
         except Stopped as stop:
             raise Stopped(stop.signum, stop.mode, stop.step,
                           stopped_message(stop, machine, save_fn is not None)) from None
 
 
-def stopped_message(stop, machine, saves):
+def stopped_message(stop: Stopped, machine: Machine, saves: bool) -> str:
     """The one line a run stopped by a signal ends with: the signal, the step, how to go on."""
     cluster, name = machine.cluster, signal_name(stop.signum)
     who = f"worker {cluster.worker_id} of {cluster.num_workers}: " if cluster.num_workers > 1 else ""
@@ -348,16 +370,17 @@ def stopped_message(stop, machine, saves):
             "command and --resume_training")
 
 
-def run_modes(settings, machine, task, data, model, optimizer, trainer, logger):
+def run_modes(parts: Parts, trainer: Trainer, logger: Logger) -> dict:
     """Train, evaluate and predict as the exec_mode asks; returns what each produced."""
+    settings, machine, task, data = parts.settings, parts.machine, parts.task, parts.data
     run_settings, cluster = settings.run, machine.cluster
     results, step, members = {}, None, None
     global_batch = settings.data.batch_size * cluster.num_replicas
     if run_settings.trains:
-        first = 0 if run_settings.benchmark else start_step_for_training(settings, machine, model,
-                                                                          optimizer)
+        first = 0 if run_settings.benchmark else start_step_for_training(parts)
         if cluster.horovod:
-            cluster.horovod.broadcast_variables(model.variables + optimizer.variables, root_rank=0)
+            cluster.horovod.broadcast_variables(parts.model.variables + parts.optimizer.variables,
+                                                root_rank=0)
         last = task.last_step(data, cluster.num_replicas,
                               run_settings.warmup_steps if run_settings.benchmark else None)
         if first >= last:
@@ -366,31 +389,32 @@ def run_modes(settings, machine, task, data, model, optimizer, trainer, logger):
             results["loss"] = trainer.train(lambda: data.train_dataset(first), first, last,
                                             global_batch)
         step = max(first, last)
-    elif (cluster.is_chief or cluster.broadcasts) and (not run_settings.benchmark
+    elif (cluster.is_chief or cluster.jax_processes) and (not run_settings.benchmark
                                                         or run_settings.evaluates):
-        step, members = restore_for_inference(settings, model, trainer.engine, cluster)
+        step, members = restore_for_inference(parts)
 
     if not cluster.is_chief:  # worker 0 alone evaluates and predicts
         return results
-    inference = make_inference(settings, data, trainer.engine, model, members)
+    inference = make_inference(parts, members)
     sliding = settings.inference.sliding_window
     if run_settings.evaluates:
         dataset = data.eval_volumes() if sliding else data.eval_dataset()
         total = data.n_eval if sliding else math.ceil(data.n_eval / data.batch_size)
-        report = case_report(settings, machine, data, evaluating=True)
+        report = case_report(parts, evaluating=True)
         results["eval"] = trainer.evaluate(dataset, step, inference, total, report)
         if report is not None:
             out_dir = run_settings.output_dir or machine.model_dir
             os.makedirs(out_dir, exist_ok=True)
             results["challenge"] = report.finish(out_dir, logger, step)
     if run_settings.predicts:
-        results["predictions"] = predict(settings, machine, task, data, trainer, inference)
+        results["predictions"] = predict(parts, trainer, inference)
     return results
 
 
-def predict(settings, machine, task, data, trainer, inference=None):
+def predict(parts: Parts, trainer: Trainer, inference=None) -> int:
     """A mask per prediction volume into --output_dir or the first --model_dir (none when
     benchmarking); returns the count."""
+    settings, machine, task, data = parts.settings, parts.machine, parts.task, parts.data
     run_settings, sliding = settings.run, settings.inference.sliding_window
     dataset = data.test_volumes() if sliding else data.test_dataset()
     names = task.mask_names(data, data.n_eval if sliding else data.n_test)
@@ -405,6 +429,6 @@ def predict(settings, machine, task, data, trainer, inference=None):
     count = trainer.predict(dataset, out_dir, names, nifti, inference,
                             settings.inference.save_probabilities,
                             total=math.ceil(len(names) / (1 if sliding else data.batch_size)),
-                            case_fn=case_report(settings, machine, data, evaluating=False))
+                            case_fn=case_report(parts, evaluating=False))
     print(f"wrote {count} masks to {out_dir}", flush=True)
     return count

@@ -35,17 +35,17 @@ JAX_LOST_SIGNS = ("Gloo", "gloo", "Connection reset", "Connection closed", "NCCL
 class Cluster:
     """The worker's place: `worker_id`, `num_workers` (input pipelines), `num_replicas` (devices in
     all), `local_replicas` (the devices one process feeds), the tf.distribute `strategy`,
-    `horovod` (the module, with --use_horovod), and `broadcasts`: several JAX processes, which
-    take process 0's checkpoint through `broadcast`."""
+    `horovod` (the module, with --use_horovod), and `jax_processes`: whether several JAX
+    processes share the run (they take process 0's checkpoint through `broadcast`)."""
 
     def __init__(self, strategy, worker_id=0, num_workers=1, horovod=None, num_replicas=None,
-                 lost_errors=(), local_replicas=1, lost_signs=(), broadcasts=False):
+                 lost_errors=(), local_replicas=1, lost_signs=(), jax_processes=False):
         self.strategy, self.horovod = strategy, horovod
         self.worker_id, self.num_workers = worker_id, num_workers
         self.num_replicas = num_replicas or (num_workers if horovod else strategy.num_replicas_in_sync)
         self.local_replicas = local_replicas
         self.lost_errors, self.lost_signs = lost_errors, lost_signs
-        self.broadcasts = broadcasts
+        self.jax_processes = jax_processes
 
     @staticmethod
     def broadcast(arrays):
@@ -163,7 +163,7 @@ def make_jax_cluster(processes, how):
     return Cluster(None, jax.process_index(), jax.process_count(), num_replicas=jax.device_count(),
                    local_replicas=jax.local_device_count(),
                    lost_errors=(jax.errors.JaxRuntimeError,) if several else (),
-                   lost_signs=JAX_LOST_SIGNS, broadcasts=several)
+                   lost_signs=JAX_LOST_SIGNS, jax_processes=several)
 
 
 def end_now_if_distributed(code, message=None):

@@ -39,12 +39,6 @@ class Machine:
         """Whether the run computes on a GPU."""
         return self.device.kind == "gpu"
 
-    @property
-    def local_batch(self):
-        """Devices one process feeds: its batches hold batch_size per local device, the input
-        streams of those devices joined."""
-        return self.cluster.local_replicas
-
 
 def writable_dir(path, flag):
     """Create `path` if needed and check that files can be written there."""
@@ -88,7 +82,7 @@ def _one_op_at_a_time_on_cpu(tf):
 def _agreed_seed(seed, cluster):
     """Several JAX processes build their weights on the global mesh, which JAX checks to be the
     same on every process: without --seed they all take process 0's random seed."""
-    if cluster.broadcasts and seed is None:
+    if cluster.jax_processes and seed is None:
         return int(cluster.broadcast(np.int32(np.random.SeedSequence().entropy % 2 ** 31)))
     return seed
 
