@@ -17,7 +17,7 @@ FIRST_CHANNELS = 16
 
 
 class VNetConfig:
-    """The V-Net hyper-parameters of the command line (SPEC §2.1 defaults)."""
+    """The V-Net hyper-parameters of the command line (the defaults of the V-Net reference's utils/cmd_util.py)."""
 
     def __init__(self, n_classes=3, downscale_blocks=(3, 3, 3), upscale_blocks=(3, 3),
                  convolution_size=3, normalization="batchnorm", activation="relu",

@@ -26,7 +26,7 @@ def write_case(root, name, shape=(40, 36, 33), seed=0, labels=(0, 1, 2, 4)):
 
 
 def expected_record(arrays):
-    """The SPEC §1.2 conversion of one case, written out step by step."""
+    """The reference's conversion (dataset/preprocess_data.py) of one case, written out step by step."""
     channels = []
     for modality in MODALITIES:
         vol = np.swapaxes(arrays[modality].astype(np.int16), 0, 1).astype(np.float32)

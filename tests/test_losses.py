@@ -1,4 +1,4 @@
-"""Losses and metrics of SPEC §1.5 against a float64 NumPy implementation written here."""
+"""Losses and metrics of the reference's model/losses.py against a float64 NumPy implementation written here."""
 import keras
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ from model.losses import ce_loss, dice_ce_loss, dice_loss, eval_dice_per_sample,
 RTOL = 1e-5
 
 
-# ---- the SPEC formulas in float64 NumPy --------------------------------------------------------
+# ---- the reference's formulas in float64 NumPy --------------------------------------------------------
 def np_dice(y, p):
     inter = (y * p).sum(axis=(1, 2, 3))
     return 2 * inter / (y.sum(axis=(1, 2, 3)) + p.sum(axis=(1, 2, 3)) + 1e-5)  # (B, C)

@@ -1,4 +1,4 @@
-"""The UNet3D of SPEC §1.4: size, outputs, every normalization, and the up-convolution."""
+"""The UNet3D of the reference's model/layers.py: size, outputs, every normalization, and the up-convolution."""
 import os
 import subprocess
 

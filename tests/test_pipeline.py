@@ -1,4 +1,4 @@
-"""The tf.data pipeline of SPEC §1.3 on real TFRecord files."""
+"""The tf.data pipeline (the reference's dataset/data_loader.py) on real TFRecord files."""
 import numpy as np
 import pytest
 import tensorflow as tf

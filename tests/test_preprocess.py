@@ -1,4 +1,4 @@
-"""dataset/preprocess_data.py against SPEC §1.2, read back with plain tf.train.Example parsing."""
+"""dataset/preprocess_data.py against the reference's conversion, read back with plain tf.train.Example parsing."""
 import gzip
 import os
 

@@ -1,4 +1,4 @@
-"""V-Net on MSD data (SPEC §2): the network, SimpleITK reading and resampling, every mode, bad input."""
+"""V-Net on MSD data: the network, SimpleITK reading and resampling, every mode, bad input."""
 import json
 import os
 

@@ -40,7 +40,7 @@ class UNet3DTask(Task):
         return data
 
     def model(self, data=None):
-        """The UNet3D of SPEC §1.4; on a GPU its image convolution pads the input channels to 8, and
+        """The reference's UNet3D (model/layers.py and model/model_fn.py there); on a GPU its image convolution pads the input channels to 8, and
         on a Hopper GPU under JAX its small convolutions run on the tool's kernel."""
         from model.unet3d import build_unet3d
         conv_implementation, multiple = None, None
@@ -77,7 +77,7 @@ class UNet3DTask(Task):
         return functools.partial(finish_train_batch, n_classes=self.net.n_classes)
 
     def loss_and_metrics(self, data):
-        """(loss_fn, metrics_fn) of SPEC §1.5; the per-class dice is named as the reference names
+        """(loss_fn, metrics_fn) as the reference's model/losses.py; the per-class dice is named as the reference names
         it for brats2021 data, by the convention's class names otherwise."""
         from dataset.conventions import DEFAULT_CONVENTION
         from model.losses import eval_dice_per_sample, get_loss

@@ -25,7 +25,7 @@ class VNetTask(Task):
                        prefetch_device=self.prefetch_device, need_eval=need_eval, need_test=need_test)
 
     def model(self, data):
-        """The V-Net of SPEC §2.3 for the task's classes."""
+        """The reference's V-Net (model/vnet.py there) for the task's classes."""
         from model.vnet import VNetConfig, build_vnet
         net = self.net
         config = VNetConfig(n_classes=data.n_classes, downscale_blocks=net.downscale_blocks,
