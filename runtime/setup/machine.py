@@ -102,6 +102,7 @@ def _import_tensorflow(settings):
 def resolve_machine(settings):
     """Set the machine up for `settings` and describe it (see the module's docstring)."""
     from runtime.setup.cluster import make_cluster
+    from runtime.setup.gpus import nvidia_gpus, unused_gpu_notice
     from runtime.setup.hpu import check_bf16_config, setup_hpu
     from runtime.setup.precision import Device, choose_dtype, keras_policy, local_device
     precision, run = settings.precision, settings.run
@@ -123,6 +124,10 @@ def resolve_machine(settings):
         if seed != settings.data.seed:
             seed_everything(seed, precision.backend, tf)
         device = Device("hpu") if hpu else local_device(precision.backend, tf)
+        notice = unused_gpu_notice(precision.backend, device.kind, nvidia_gpus(),
+                                   os.environ.get("CUDA_VISIBLE_DEVICES"))
+        if notice and cluster.is_chief:
+            print(notice, flush=True)
         dtype = hpu.dtype if hpu else choose_dtype(precision, device)
     policy = keras_policy(dtype, hpu)
     keras.mixed_precision.set_dtype_policy(policy)
