@@ -168,7 +168,7 @@ def jax_env(tmp_path_factory):
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
-STOP_BOUND_S = 120  # README.md, Reliability: every worker exits within this after the signal
+STOP_BOUND_S = 120  # docs/distributed.md: every worker exits within this after the signal
 
 
 def stop_one(procs, stderr_dir, victim):
