@@ -3,15 +3,18 @@
 usage: python runtime/parse_results.py RESULTS_DIR [--folds 5]
        python runtime/parse_results.py --check FOLD_DIR   (exit 0 when that fold has finished)
 """
+from __future__ import annotations
+
 import argparse
 import json
 import os
 import sys
+from typing import Any, Optional, Sequence
 
 METRICS = ("TumorCore", "PeritumoralEdema", "EnhancingTumor", "MeanDice", "WholeTumor")
 
 
-def final_eval(fold_dir):
+def final_eval(fold_dir: str) -> Optional[dict[str, Any]]:
     """The data of the last evaluation logged in fold_dir/log.json, or None."""
     path = os.path.join(fold_dir, "log.json")
     if not os.path.isfile(path):
@@ -28,7 +31,7 @@ def final_eval(fold_dir):
     return found
 
 
-def table(results_dir, folds=5):
+def table(results_dir: str, folds: int = 5) -> str:
     """The per-fold rows and the mean row as text; raises FileNotFoundError naming missing folds."""
     rows = {fold: final_eval(os.path.join(results_dir, f"fold_{fold}")) for fold in range(folds)}
     missing = [fold for fold, row in rows.items() if row is None]
@@ -43,7 +46,7 @@ def table(results_dir, folds=5):
     return "\n".join(lines)
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> int:
     """Print the table (or check one fold); returns the exit code."""
     parser = argparse.ArgumentParser(description="Average the dice scores of cross-validation folds.")
     parser.add_argument("results_dir", nargs="?")

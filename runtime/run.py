@@ -7,7 +7,7 @@ import itertools
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 
@@ -22,6 +22,11 @@ from runtime.engines.engine import Engine
 from runtime.settings import Settings
 from runtime.setup.machine import Machine, resolve_machine
 from runtime.tasks.base import Task, TaskData, make_task
+
+if TYPE_CHECKING:
+    from runtime.loops.case_report import CaseReport
+    from runtime.loops.inference import Inference
+    from runtime.setup.cluster import Cluster
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,7 @@ def make_logger(settings: Settings, machine: Machine) -> Logger:
     return Logger(machine.log_dir, enabled=machine.writes, tensorboard=tensorboard)
 
 
-def make_hooks(parts: Parts, logger: Logger, save_fn) -> Hooks:
+def make_hooks(parts: Parts, logger: Logger, save_fn: Optional[Callable[[int], None]]) -> Hooks:
     """The hooks every mode shares."""
     settings, machine, engine = parts.settings, parts.machine, parts.engine
     global_batch = settings.data.batch_size * machine.cluster.num_replicas
@@ -86,7 +91,8 @@ def saved_fields(parts: Parts) -> tuple[dict, dict]:
     return network, used
 
 
-def read_checkpoint(cluster, path: Optional[str], model, optimizer=None) -> Optional[int]:
+def read_checkpoint(cluster: Cluster, path: Optional[str], model: Any, optimizer: Any = None
+                    ) -> Optional[int]:
     """Load the checkpoint at `path` (None: there is none) into `model` (and `optimizer`); returns
     its step, or None without one. Several JAX processes take process 0's: it alone reads the
     file and broadcasts the arrays, and every process assigns the same ones (JAX assigns a
@@ -143,7 +149,7 @@ def restore_for_inference(parts: Parts) -> tuple[Optional[int], Optional[list]]:
     return step, members if len(members) > 1 else None
 
 
-def make_inference(parts: Parts, members: Optional[list]):
+def make_inference(parts: Parts, members: Optional[list]) -> Optional[Inference]:
     """The `Inference` of the settings (sliding windows, mirroring, an ensemble, masks of the
     evaluated cases), or None when the plain centred-window steps serve: one model, no
     mirroring, no probabilities to save, no case to picture or score."""
@@ -229,7 +235,7 @@ def build(settings: Settings, machine: Machine, task: Task, data: TaskData) -> P
     return Parts(settings, machine, task, data, model, optimizer, engine)
 
 
-def make_save_fn(parts: Parts):
+def make_save_fn(parts: Parts) -> Optional[Callable[[int], None]]:
     """`save(step)`: the run's settings.json and a checkpoint into model_dir; None where this
     worker writes no checkpoints (another worker's run, benchmarks, --disable_ckpt_saving)."""
     run_settings, machine = parts.settings.run, parts.machine
@@ -245,7 +251,7 @@ def make_save_fn(parts: Parts):
     return save
 
 
-def case_report(parts: Parts, evaluating: bool):
+def case_report(parts: Parts, evaluating: bool) -> Optional[CaseReport]:
     """The `CaseReport` of evaluate (`evaluating`) or predict: the challenge's metrics of each
     case and its picture into output_dir/png, as the flags ask; None when they ask for neither."""
     settings, machine, data = parts.settings, parts.machine, parts.data
@@ -411,7 +417,7 @@ def run_modes(parts: Parts, trainer: Trainer, logger: Logger) -> dict:
     return results
 
 
-def predict(parts: Parts, trainer: Trainer, inference=None) -> int:
+def predict(parts: Parts, trainer: Trainer, inference: Optional[Inference] = None) -> int:
     """A mask per prediction volume into --output_dir or the first --model_dir (none when
     benchmarking); returns the count."""
     settings, machine, task, data = parts.settings, parts.machine, parts.task, parts.data

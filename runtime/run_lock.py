@@ -1,10 +1,13 @@
 """One training run per model_dir: the chief holds an exclusive advisory lock on
 `model_dir/.lock` (fcntl.flock, released by the kernel when the process ends, however it ends),
 with its process id and host written in the file for the message a second run gets."""
+from __future__ import annotations
+
 import contextlib
 import fcntl
 import os
 import socket
+from typing import Iterator
 
 from common.errors import UserError
 
@@ -12,7 +15,7 @@ LOCK_NAME = ".lock"
 
 
 @contextlib.contextmanager
-def holding(model_dir):
+def holding(model_dir: str) -> Iterator[str]:
     """Hold model_dir's lock for the block; a UserError naming the holder when another process
     holds it."""
     path = os.path.join(model_dir, LOCK_NAME)

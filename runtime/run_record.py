@@ -4,8 +4,11 @@ It holds the network-defining fields (which bind later runs on that folder), wha
 (dtype, batch size, backend, ...) and the tool's version. It is written atomically with every
 checkpoint; evaluate, predict and --resume_training read it back through `saved_network`.
 """
+from __future__ import annotations
+
 import json
 import os
+from typing import Any, Callable, Iterable, Optional
 
 from common.errors import UserError
 from common.output_files import replacing
@@ -14,12 +17,12 @@ from common.version import VERSION
 FILE_NAME = "settings.json"
 
 
-def record_path(model_dir):
+def record_path(model_dir: str) -> str:
     """Where a run's settings are kept."""
     return os.path.join(model_dir, FILE_NAME)
 
 
-def write(model_dir, network, used):
+def write(model_dir: str, network: dict[str, Any], used: dict[str, Any]) -> None:
     """Write {network, run, version} into model_dir/settings.json atomically."""
     body = {"version": VERSION, "network": network, "run": used}
     with replacing(record_path(model_dir)) as tmp:
@@ -28,7 +31,7 @@ def write(model_dir, network, used):
             handle.write("\n")
 
 
-def read(model_dir):
+def read(model_dir: str) -> Optional[dict[str, Any]]:
     """The saved {network, run, version} of model_dir, or None when it has none."""
     path = record_path(model_dir)
     try:
@@ -45,7 +48,7 @@ def read(model_dir):
     return body
 
 
-def former_update_rule(model_dir, rule):
+def former_update_rule(model_dir: str, rule: str) -> Optional[str]:
     """None when model_dir's saved run names the optimizer update rule `rule`; else a phrase for
     the rule its optimizer state came from (the tool's former one where it names none)."""
     body = read(model_dir)
@@ -57,7 +60,8 @@ def former_update_rule(model_dir, rule):
     return f"the update rule {saved!r}"
 
 
-def saved_network(model_dirs, has_checkpoint):
+def saved_network(model_dirs: Iterable[str], has_checkpoint: Callable[[str], bool]
+                  ) -> Optional[tuple[str, dict[str, Any]]]:
     """(model_dir, network fields) that bind this run, or None.
 
     Every folder's saved network must be the same (an ensemble is one network): folders that

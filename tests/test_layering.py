@@ -1,7 +1,8 @@
 """The packages depend one way: main.py → runtime (flags, settings, the run) → runtime.setup →
 runtime.tasks and runtime.loops → runtime.engines → dataset → model, every one on common; the
 segmenter uses dataset and common alone, without TensorFlow, Keras or JAX; model/ uses Keras 3's
-API alone; and no folder's own files hold more than a quarter of the source."""
+API alone; no folder's own files hold more than a quarter of the source; and the public functions
+of the run, the loops and the engines carry type hints and docstrings."""
 import ast
 import glob
 import os
@@ -120,3 +121,59 @@ def test_no_folder_holds_more_than_a_quarter_of_the_source():
             lines[folder] = lines.get(folder, 0) + sum(1 for _ in open(path))
     total = sum(lines.values())
     assert {f: n for f, n in lines.items() if n > total / 4} == {}, lines
+
+
+# Files still being rewritten by other work in progress, so not annotated here: the check skips them
+# until that work lands (this set then empties).
+NOT_YET_ANNOTATED = {"runtime/arguments.py", "runtime/settings.py", "runtime/engines/kernels.py",
+                     "runtime/engines/mosaic_conv.py", "runtime/loops/postprocessing_choice.py"}
+
+
+def unannotated(path):
+    """'path:line name: what is missing' for every public function or method of `path` (not one
+    nested in a function) without a docstring, or without annotations on every parameter (the
+    `self` or `cls` of a method excepted) and on its return."""
+    found = []
+
+    def visit(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef):
+                visit(child, f"{prefix}{child.name}.")
+            elif (isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+                  and not child.name.startswith("_")):
+                args = child.args
+                params = args.posonlyargs + args.args + args.kwonlyargs + [
+                    a for a in (args.vararg, args.kwarg) if a is not None]
+                static = any(isinstance(d, ast.Name) and d.id == "staticmethod" for d in child.decorator_list)
+                if prefix and not static and params and params[0].arg in ("self", "cls"):
+                    params = params[1:]
+                missing = [] if ast.get_docstring(child) else ["docstring"]
+                missing += [f"hint of {p.arg}" for p in params if p.annotation is None]
+                missing += ["return hint"] if child.returns is None else []
+                if missing:
+                    found.append(f"{os.path.relpath(path, ROOT)}:{child.lineno} {prefix}{child.name}: "
+                                 f"missing {', '.join(missing)}")
+
+    visit(ast.parse(open(path).read(), path), "")
+    return found
+
+
+def test_public_functions_of_the_run_carry_hints_and_docstrings():
+    """Every public function and method of the run, the loops and the engines says what it takes
+    and returns. (The Engine protocol's methods, a docstring for a body, pass as they are.)"""
+    paths = [path for folder in ("runtime", "runtime/loops", "runtime/engines")
+             for path in sorted(glob.glob(os.path.join(ROOT, folder, "*.py")))]
+    wrong = [line for path in paths if os.path.relpath(path, ROOT) not in NOT_YET_ANNOTATED
+             for line in unannotated(path)]
+    assert len(paths) > 20 and not wrong, wrong
+
+
+def test_a_missing_hint_is_caught(tmp_path):
+    """The check above can fail: a bare parameter, a missing return hint and a missing docstring are
+    reported; `self`, private and nested functions are not."""
+    code = tmp_path / "code.py"
+    code.write_text('class A:\n    def f(self, x: int):\n        """F."""\n        def inner(y): pass\n\n'
+                    'def g(y) -> None:\n    pass\n\ndef _h(z): pass\n')
+    name = os.path.relpath(code, ROOT)
+    assert unannotated(str(code)) == [f"{name}:2 A.f: missing return hint",
+                                      f"{name}:6 g: missing docstring, hint of y"]

@@ -5,13 +5,15 @@ process that reaches it much later than the others (a busy machine, a colder com
 fails them all. Meeting here first, with a deadline of our own, lets the collective start
 together. The barrier is a service call, no device collective.
 """
+from __future__ import annotations
+
 import itertools
 
 WAIT_S = 1200  # how long the processes wait for each other here
 _calls = itertools.count()
 
 
-def wait_for_every_jax_process(name):
+def wait_for_every_jax_process(name: str) -> None:
     """Return once every JAX process has called this (each process calls it the same number of
     times, in the same order); at once with a single process."""
     import jax

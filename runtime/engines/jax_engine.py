@@ -14,9 +14,12 @@ an all-gather of one number (jax.experimental.multihost_utils). Several processe
 training step ahead of its first run and meet at a barrier (runtime/engines/jax_barrier.py) before running
 it: one that compiles more slowly must not keep the others inside the step's first all-reduce.
 """
+from __future__ import annotations
+
 import os
 import queue
 import threading
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -26,7 +29,8 @@ from runtime.engines.jax_barrier import wait_for_every_jax_process
 PREFETCH_DEPTH = 2
 
 
-def prefetch_to_device(batches, put, depth=PREFETCH_DEPTH):
+def prefetch_to_device(batches: Iterable[tuple], put: Callable[..., Any],
+                       depth: int = PREFETCH_DEPTH) -> Iterator[Any]:
     """Yield `put(*batch)` for every batch of `batches`, the next `depth` of them prepared by a
     background thread while the caller works. An error of the thread is raised here; closing the
     generator stops the thread and waits for it."""
@@ -130,7 +134,7 @@ class JaxEngine:
                                                 jax.sharding.PartitionSpec())
         return jax.make_array_from_callback(local.shape, everywhere, lambda index: local[index])
 
-    def commit(self):
+    def commit(self) -> None:
         """Write the training state back into the Keras variables (for checkpoints and inference)."""
         if self.state is None:
             return
@@ -192,14 +196,14 @@ class JaxEngine:
         return [jax.device_put(a, self._local_split) for a in arrays], n
 
     # ---- the engine interface --------------------------------------------------------------------
-    def distribute(self, make_dataset):
+    def distribute(self, make_dataset: Callable[[], Iterable]) -> Iterator[list]:
         """The batches of `make_dataset()` (a tf.data pipeline or an iterator of NumPy arrays) as
         device arrays, each copied while the step before it runs."""
         dataset = make_dataset()
         host = dataset.as_numpy_iterator() if hasattr(dataset, "as_numpy_iterator") else dataset
         return prefetch_to_device(host, self._inputs)
 
-    def prefetch(self, dataset):
+    def prefetch(self, dataset: Iterable) -> Iterator[Any]:
         """The batches of `dataset` (x, or tuples (x, y)) as device arrays, whole, each copied while
         the batch before it is worked on (for `Inference`, which takes whole volumes)."""
         host = dataset.as_numpy_iterator() if hasattr(dataset, "as_numpy_iterator") else dataset
@@ -211,12 +215,12 @@ class JaxEngine:
             batches.close()
 
     @property
-    def several_workers(self):
+    def several_workers(self) -> bool:
         """Whether other processes train with this one (`agree` is then a collective)."""
         return jax.process_count() > 1
 
     @staticmethod
-    def agree(value):
+    def agree(value: int) -> int:
         """The largest of every process's `value` (an int), on every process: a collective that
         each process calls after the same step."""
         if jax.process_count() == 1:
@@ -224,7 +228,7 @@ class JaxEngine:
         from jax.experimental import multihost_utils
         return int(np.max(multihost_utils.process_allgather(np.int32(value))))
 
-    def train_step(self, x, y):
+    def train_step(self, x: Any, y: Any) -> jax.Array:
         """One optimizer step on a batch; returns the loss (a device scalar, not synced)."""
         state, inputs = self._current_state(), self._inputs(x, y)
         if not self._train_compiled and self.several_workers:
@@ -235,18 +239,18 @@ class JaxEngine:
         self._local_state = None
         return loss
 
-    def eval_step(self, x, y):
+    def eval_step(self, x: Any, y: Any) -> dict[str, np.ndarray]:
         """Per-sample hard dice scores of a batch: {name: (B,) numpy array}."""
         inputs, n = self._whole_inputs(x, y)
         scores = self._eval(self._inference_state(), *inputs)
         return {k: np.asarray(v)[:n] for k, v in scores.items()}
 
-    def predict_step(self, x):
+    def predict_step(self, x: Any) -> np.ndarray:
         """Argmax masks of a batch as int8 numpy (B, D, H, W)."""
         inputs, n = self._whole_inputs(x)
         return np.asarray(self._predict(self._inference_state(), *inputs))[:n]
 
-    def compile(self, fn, donate=()):
+    def compile(self, fn: Callable, donate: tuple = ()) -> Callable:
         """`fn(forward, *args)`, written with keras.ops, jitted: `forward(x)` is the model's
         inference under the weights in use. Returns a callable of `*args`; the arguments at the
         positions `donate` are donated (their buffers reused for the results)."""
@@ -254,18 +258,18 @@ class JaxEngine:
                          donate_argnums=tuple(1 + i for i in donate))
         return lambda *args: jitted(self.weights_in_use or self.snapshot(), *args)
 
-    def snapshot(self):
+    def snapshot(self) -> tuple[list, list]:
         """The model's weights now, as a handle for `use_weights` (ensembles of checkpoints)."""
         if self.state is not None:
             return self.state[:2]
         return ([v.value for v in self.model.trainable_variables],
                 [v.value for v in self.model.non_trainable_variables])
 
-    def use_weights(self, weights):
+    def use_weights(self, weights: tuple[list, list]) -> None:
         """Run the compiled inference functions with `weights` (a `snapshot()`) from now on."""
         self.weights_in_use = weights
 
-    def dump_compiled(self, out_dir, x, y):
+    def dump_compiled(self, out_dir: str, x: Any, y: Any) -> None:
         """Write the training step's StableHLO (as lowered) and its optimized HLO (as compiled)."""
         os.makedirs(out_dir, exist_ok=True)
         lowered = self._train.lower(self._current_state(), *self._inputs(x, y))
@@ -275,16 +279,16 @@ class JaxEngine:
             handle.write(lowered.compile().as_text())
 
     @staticmethod
-    def start_trace(out_dir):
+    def start_trace(out_dir: str) -> None:
         """Start JAX's profiler; its trace goes under out_dir/plugins/profile."""
         jax.profiler.start_trace(out_dir)
 
     @staticmethod
-    def stop_trace():
+    def stop_trace() -> None:
         """Stop the profiler and write its trace."""
         jax.profiler.stop_trace()
 
     @staticmethod
-    def to_float(loss):
+    def to_float(loss: Any) -> float:
         """The value of a loss (waits for the step to finish)."""
         return float(loss)

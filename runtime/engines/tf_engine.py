@@ -10,6 +10,12 @@ Every step is traced without AutoGraph, as Keras' own steps are: the model, loss
 functions are written with keras.ops and hold no Python control flow on tensors (JAX traces the
 same code), so AutoGraph's conversion would only add to the time before the first step.
 """
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
 from common.quiet_import import import_tensorflow
 
 
@@ -63,7 +69,7 @@ class TFEngine:
     def _predict_step(self, x):
         return self.tf.cast(self.tf.argmax(self.model(x, training=False), axis=-1), self.tf.int8)
 
-    def distribute(self, make_dataset):
+    def distribute(self, make_dataset: Callable[[], Iterable]) -> Iterable:
         """The training batches of `make_dataset()` (this worker's shard), fed to its replicas:
         one process of several devices (MirroredStrategy) splits each batch over them in order."""
         if self.strategy.num_replicas_in_sync == 1:
@@ -73,13 +79,13 @@ class TFEngine:
         return self.strategy.distribute_datasets_from_function(lambda context: make_dataset())
 
     @property
-    def several_workers(self):
+    def several_workers(self) -> bool:
         """Whether other processes train with this one (`agree` is then a collective)."""
         multi_worker = (self.strategy.num_replicas_in_sync > 1
                         and not isinstance(self.strategy, self.tf.distribute.MirroredStrategy))
         return self.agree_across is not None or multi_worker
 
-    def agree(self, value):
+    def agree(self, value: int) -> int:
         """The largest of every worker's `value` (an int), on every worker: a collective that
         each worker calls after the same step."""
         if self.agree_across is not None:
@@ -98,26 +104,26 @@ class TFEngine:
         return int(self.strategy.experimental_local_results(result)[0].numpy())
 
     @staticmethod
-    def prefetch(dataset):
+    def prefetch(dataset: Iterable) -> Iterable:
         """`dataset` itself: tf.data pipelines prefetch on their own."""
         return dataset
 
-    def commit(self):
+    def commit(self) -> None:
         """Nothing to do: the steps update the Keras variables themselves."""
 
-    def train_step(self, x, y):
+    def train_step(self, x: Any, y: Any) -> Any:
         """One optimizer step on a batch; returns the loss tensor (not synced)."""
         return self._train(x, y)
 
-    def eval_step(self, x, y):
+    def eval_step(self, x: Any, y: Any) -> dict[str, np.ndarray]:
         """Per-sample hard dice scores of a batch: {name: (B,) numpy array}."""
         return {k: v.numpy() for k, v in self._eval(x, y).items()}
 
-    def predict_step(self, x):
+    def predict_step(self, x: Any) -> np.ndarray:
         """Argmax masks of a batch as int8 numpy (B, D, H, W)."""
         return self._predict(x).numpy()
 
-    def compile(self, fn, donate=()):
+    def compile(self, fn: Callable, donate: tuple = ()) -> Callable:
         """`fn(forward, *args)`, written with keras.ops, as a tf.function (XLA when asked):
         `forward(x)` is the model's inference. `donate` is accepted for the engines' common
         interface; TensorFlow manages the buffers itself."""
@@ -125,15 +131,15 @@ class TFEngine:
         return self.tf.function(lambda *args: fn(forward, *args), jit_compile=self.use_xla,
                                 autograph=False)
 
-    def snapshot(self):
+    def snapshot(self) -> list[np.ndarray]:
         """The model's weights now (NumPy copies), as a handle for `use_weights` (ensembles)."""
         return self.model.get_weights()
 
-    def use_weights(self, weights):
+    def use_weights(self, weights: list[np.ndarray]) -> None:
         """Load `weights` (a `snapshot()`) into the model."""
         self.model.set_weights(weights)
 
-    def dump_compiled(self, out_dir, x, y):
+    def dump_compiled(self, out_dir: str, x: Any, y: Any) -> None:
         """Write the training step's TensorFlow graph and its XLA HLO (compiled for the batch's shapes)."""
         import os
         tf = self.tf
@@ -145,15 +151,15 @@ class TFEngine:
         with open(os.path.join(out_dir, "train_step.hlo.txt"), "w") as handle:
             handle.write(compiled.experimental_get_compiler_ir(x, y)(stage="hlo"))
 
-    def start_trace(self, out_dir):
+    def start_trace(self, out_dir: str) -> None:
         """Start the TensorFlow profiler; its trace goes under out_dir/plugins/profile."""
         self.tf.profiler.experimental.start(out_dir)
 
-    def stop_trace(self):
+    def stop_trace(self) -> None:
         """Stop the profiler and write its trace."""
         self.tf.profiler.experimental.stop()
 
     @staticmethod
-    def to_float(loss):
+    def to_float(loss: Any) -> float:
         """The value of a loss tensor (waits for the step to finish)."""
         return float(loss.numpy())

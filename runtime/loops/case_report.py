@@ -1,10 +1,16 @@
 """What evaluate and predict write per case beside the scores: the challenge's metrics
 (metrics.csv and their means) and a picture of each case."""
+from __future__ import annotations
+
 import os
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
 from runtime.loops.challenge_metrics import record_spacing, region_means, write_csv
+
+if TYPE_CHECKING:
+    from runtime.loops.hooks import Logger
 
 
 class CaseReport:
@@ -22,7 +28,7 @@ class CaseReport:
         if png_dir is not None:
             os.makedirs(png_dir, exist_ok=True)
 
-    def record(self, index):
+    def record(self, index: int) -> dict[str, Any]:
         """Case i's metadata: its record, or a name and a 1 mm grid when it has none."""
         record = dict(self.records[index]) if index < len(self.records) else {}
         record.setdefault("affine", np.eye(4))
@@ -44,7 +50,7 @@ class CaseReport:
             case_png(os.path.join(self.png_dir, f"{name}.png"), np.asarray(image)[..., 0], mask,
                      classes, self.class_names, title=name)
 
-    def finish(self, out_dir, logger, step):
+    def finish(self, out_dir: str, logger: Logger, step: Optional[int]) -> dict[str, float]:
         """Write the metric rows to out_dir/metrics.csv and log their means per region
         (stdout and log.json); returns the means ({} without metrics)."""
         if self.metrics is None:

@@ -14,11 +14,14 @@ does, which passes no spacing (voxel units: panoptica's tolerance of 0.5 for the
 of one voxel for the lesions' NSD). Reported values follow the challenge's ranking: an infinite
 HD95 is 373 mm, and a region empty in both masks scores Dice, NSD and F1 1 and HD95 0.
 """
+from __future__ import annotations
+
 import contextlib
 import csv
 import io
 import math
 import warnings
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -31,12 +34,12 @@ HD95_INFINITE = 373.0  # the ranking's value for an infinite HD95 (mm)
 MATCHING_THRESHOLD = 1e-6
 
 
-def voxel_spacing(affine):
+def voxel_spacing(affine: Any) -> tuple[float, float, float]:
     """The voxel sizes (mm) along the three axes of a NIfTI affine: its columns' lengths."""
     return tuple(float(s) for s in np.linalg.norm(np.asarray(affine, float)[:3, :3], axis=0))
 
 
-def record_spacing(record):
+def record_spacing(record: dict[str, Any]) -> tuple[float, float, float]:
     """The voxel sizes (mm) along the axes of a record's volume, from its NIfTI affine: the
     preprocessing swapped the image's axes 0 and 1."""
     spacing = voxel_spacing(record["affine"])
@@ -96,7 +99,8 @@ class ChallengeMetrics:
             segmentation_class_groups=class_groups,
             instance_metrics=metrics, global_metrics=metrics)
 
-    def case(self, name, prediction, reference, spacing=(1.0, 1.0, 1.0)):
+    def case(self, name: str, prediction: np.ndarray, reference: np.ndarray,
+             spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> list[dict[str, Any]]:
         """[{column: value}] of one case, a row per region, from the `prediction` and `reference`
         masks (the convention's label values, same shape) on a grid of `spacing` mm."""
         prediction = np.asarray(prediction, np.uint8)
@@ -128,7 +132,7 @@ class ChallengeMetrics:
         return rows
 
 
-def region_means(rows):
+def region_means(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     """{'<region>_<score>': mean over the cases} of metric rows, regions in their first order."""
     means = {}
     regions = list(dict.fromkeys(row["region"] for row in rows))
@@ -139,7 +143,7 @@ def region_means(rows):
     return means
 
 
-def write_csv(path, rows):
+def write_csv(path: str, rows: Sequence[dict[str, Any]]) -> None:
     """Write metric rows to `path` as CSV with the header COLUMNS."""
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)

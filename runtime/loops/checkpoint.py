@@ -7,10 +7,13 @@ Before writing, the free space of the folder is checked against the checkpoint's
 its arrays): too little is a one-line error and the previous checkpoint stays.
 Plain NumPy arrays make the format the same on every Keras backend.
 """
+from __future__ import annotations
+
 import glob
 import os
 import re
 import zipfile
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -22,12 +25,12 @@ PATTERN = re.compile(r"^ckpt-(\d+)\.npz$")
 BYTES_PER_ARRAY = 512
 
 
-def checkpoint_dir(model_dir):
+def checkpoint_dir(model_dir: str) -> str:
     """The folder of the checkpoints inside `model_dir`."""
     return os.path.join(model_dir, "checkpoints")
 
 
-def list_checkpoints(model_dir):
+def list_checkpoints(model_dir: str) -> list[tuple[int, str]]:
     """[(step, path)] of the complete checkpoints, oldest first."""
     found = []
     for path in glob.glob(os.path.join(checkpoint_dir(model_dir), "ckpt-*.npz")):
@@ -37,7 +40,7 @@ def list_checkpoints(model_dir):
     return sorted(found)
 
 
-def latest_checkpoint(model_dir):
+def latest_checkpoint(model_dir: str) -> Optional[tuple[int, str]]:
     """(step, path) of the newest checkpoint, or None."""
     found = list_checkpoints(model_dir)
     return found[-1] if found else None
@@ -50,7 +53,7 @@ def _variables(model, optimizer):
     return variables
 
 
-def save(model_dir, step, model, optimizer=None):
+def save(model_dir: str, step: int, model: Any, optimizer: Any = None) -> str:
     """Write the checkpoint of `step` atomically, then drop the older ones; returns its path.
 
     Too little free space for it, or a failed write, is a UserError; the older ones then stay."""
@@ -79,7 +82,7 @@ def save(model_dir, step, model, optimizer=None):
     return final
 
 
-def load(path):
+def load(path: str) -> tuple[list[np.ndarray], int]:
     """The arrays of a checkpoint file, in variable order, and its step."""
     try:
         with np.load(path) as data:
@@ -91,14 +94,14 @@ def load(path):
     return [arrays[key] for key in sorted(arrays)], step
 
 
-def variables_of(model, optimizer=None):
+def variables_of(model: Any, optimizer: Any = None) -> list[Any]:
     """The variables a checkpoint holds, in its order; builds `optimizer` if needed."""
     if optimizer is not None and not optimizer.built:
         optimizer.build(model.trainable_variables)
     return _variables(model, optimizer)  # the model's come first, so they load alone too
 
 
-def check(arrays, path, variables):
+def check(arrays: Sequence[np.ndarray], path: str, variables: Sequence[Any]) -> None:
     """A UserError unless `arrays` (from the checkpoint at `path`) fit `variables`."""
     if len(arrays) < len(variables):
         raise UserError(f"{path}: holds {len(arrays)} arrays, the model needs {len(variables)}; it "
@@ -109,7 +112,7 @@ def check(arrays, path, variables):
                             f"{tuple(variable.shape)}; it was written for another network or flags")
 
 
-def restore(path, model, optimizer=None):
+def restore(path: str, model: Any, optimizer: Any = None) -> int:
     """Load a checkpoint into `model` (and `optimizer`, built here if needed); returns its step."""
     variables = variables_of(model, optimizer)
     arrays, step = load(path)

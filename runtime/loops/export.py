@@ -4,11 +4,14 @@ resampling, labels, sliding-window defaults) and a SHA-256 of every exported fil
 
 segment.py (at the top of the repository) reads such a folder with ONNX Runtime alone.
 """
+from __future__ import annotations
+
 import json
 import os
 import shutil
 import tempfile
 import warnings
+from typing import Any
 
 from common.checksums import sha256
 from common.errors import UserError
@@ -31,7 +34,7 @@ REPRODUCES = {"unet3d": "main.py --exec_mode predict --sliding_window --save_nif
               "vnet": "main.py --model vnet --exec_mode predict --save_nifti"}
 
 
-def file_hashes(folder):
+def file_hashes(folder: str) -> dict[str, str]:
     """{path relative to `folder`: SHA-256} of every file under it but metadata.json, sorted."""
     hashes = {}
     for root, _, names in os.walk(folder):
@@ -43,7 +46,7 @@ def file_hashes(folder):
     return dict(sorted(hashes.items()))
 
 
-def label_convention(network):
+def label_convention(network: dict[str, Any]) -> dict[str, Any]:
     """The label convention of a UNet3D's saved network fields: its 'convention' when it names
     one, else BraTS 2019-2021's."""
     name = network.get("convention", DEFAULT_CONVENTION)
@@ -59,7 +62,8 @@ def label_convention(network):
     return convention.as_dict()
 
 
-def describe(network, trained, step, inference):
+def describe(network: dict[str, Any], trained: dict[str, Any], step: int,
+             inference: Any) -> dict[str, Any]:
     """metadata.json's body but the file hashes, from the run's saved settings: `network` and
     `trained` (settings.json's network and run sections), the checkpoint's `step`, and the
     InferenceSettings whose overlap the sliding windows take."""
@@ -131,7 +135,7 @@ def _write_onnx(model, path, signature):
             os.environ[CATCH_ERRORS] = saved
 
 
-def write_export(model, export_dir, body):
+def write_export(model: Any, export_dir: str, body: dict[str, Any]) -> dict[str, Any]:
     """Write `model` (a Keras model on the TensorFlow backend, float32) as export_dir/saved_model,
     export_dir/model.onnx and export_dir/metadata.json (`body` plus the files' SHA-256 and the
     ONNX model's input and output names). The files are made in a temporary folder beside it and
@@ -159,7 +163,7 @@ def write_export(model, export_dir, body):
     return body
 
 
-def onnx_names(path):
+def onnx_names(path: str) -> dict[str, str]:
     """{'input': name, 'output': name} of the ONNX model's graph."""
     import onnx
     graph = onnx.load(path, load_external_data=False).graph

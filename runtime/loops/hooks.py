@@ -7,11 +7,14 @@ The loops in runtime/loops/trainer.py call, on every hook of a `Hooks` list:
   end(mode, step, results)   results: the metrics of an evaluation, else {}
   progress(mode, note)   work within a step (the sliding windows of a volume), as a short note
 """
+from __future__ import annotations
+
 import json
 import math
 import os
 import sys
 import time
+from typing import Any, Optional, Sequence
 
 from common.output_files import append_line
 
@@ -21,16 +24,16 @@ Z_SCORES = {"90%": 1.645, "95%": 1.960, "99%": 2.576}
 class Hook:
     """A hook that does nothing; subclasses override what they need."""
 
-    def begin(self, mode, total_steps, first_step):
+    def begin(self, mode: str, total_steps: Optional[int], first_step: int) -> None:
         """Called before the first step of a mode."""
 
-    def after_step(self, mode, step, batch_size, loss):
+    def after_step(self, mode: str, step: int, batch_size: int, loss: Optional[float]) -> None:
         """Called after every step."""
 
-    def end(self, mode, step, results):
+    def end(self, mode: str, step: int, results: dict[str, float]) -> None:
         """Called after the last step of a mode."""
 
-    def progress(self, mode, note):
+    def progress(self, mode: str, note: str) -> None:
         """Called during a long step with a note on how far it is."""
 
 
@@ -40,23 +43,27 @@ class Hooks(Hook):
     def __init__(self, hooks):
         self.hooks = [h for h in hooks if h is not None]
 
-    def add(self, hook):
+    def add(self, hook: Hook) -> None:
         """Append a hook (one that needs the loops built first)."""
         self.hooks.append(hook)
 
-    def begin(self, mode, total_steps, first_step):
+    def begin(self, mode: str, total_steps: Optional[int], first_step: int) -> None:
+        """`begin` of every hook, in order."""
         for hook in self.hooks:
             hook.begin(mode, total_steps, first_step)
 
-    def after_step(self, mode, step, batch_size, loss):
+    def after_step(self, mode: str, step: int, batch_size: int, loss: Optional[float]) -> None:
+        """`after_step` of every hook, in order."""
         for hook in self.hooks:
             hook.after_step(mode, step, batch_size, loss)
 
-    def end(self, mode, step, results):
+    def end(self, mode: str, step: int, results: dict[str, float]) -> None:
+        """`end` of every hook, in order."""
         for hook in self.hooks:
             hook.end(mode, step, results)
 
-    def progress(self, mode, note):
+    def progress(self, mode: str, note: str) -> None:
+        """`progress` of every hook, in order."""
         for hook in self.hooks:
             hook.progress(mode, note)
 
@@ -72,7 +79,7 @@ class Logger:
         if self.path:
             os.makedirs(log_dir, exist_ok=True)
 
-    def log(self, kind, step, data):
+    def log(self, kind: str, step: Optional[int], data: dict[str, Any]) -> None:
         """Print `data` with its step and append it to the JSON-lines file (and TensorBoard)."""
         if not self.enabled:
             return
@@ -96,7 +103,7 @@ class TensorBoard:
         with self.writer.as_default():
             hp.hparams(hparams, trial_id=os.path.basename(os.path.abspath(log_dir)))
 
-    def scalars(self, kind, step, data):
+    def scalars(self, kind: str, step: int, data: dict[str, Any]) -> None:
         """Every number of `data` as the scalar `kind/name` at `step`."""
         with self.writer.as_default():
             for key, value in data.items():
@@ -116,12 +123,14 @@ class LoggingHook(Hook):
         self.logger, self.log_every = logger, log_every
         self._since, self._steps, self._examples, self._paused = None, 0, 0, None
 
-    def begin(self, mode, total_steps, first_step):
+    def begin(self, mode: str, total_steps: Optional[int], first_step: int) -> None:
+        """Start the clock of training (an evaluation within it pauses the clock)."""
         if mode == "train" or self._since is None:
             self._since, self._steps, self._examples = time.perf_counter(), 0, 0
         self._paused = time.perf_counter()
 
-    def after_step(self, mode, step, batch_size, loss):
+    def after_step(self, mode: str, step: int, batch_size: int, loss: Optional[float]) -> None:
+        """Every `log_every` synced training steps, log the loss and the speed since the last log."""
         if mode != "train":
             return
         self._steps += 1
@@ -136,14 +145,15 @@ class LoggingHook(Hook):
         })
         self._since, self._steps, self._examples = time.perf_counter(), 0, 0
 
-    def end(self, mode, step, results):
+    def end(self, mode: str, step: int, results: dict[str, float]) -> None:
+        """Log an evaluation's results; after one within training, restart the paused clock."""
         if mode == "eval":
             self.logger.log("eval", step, {k: float(v) for k, v in results.items()})
         if mode != "train":  # an evaluation within training does not count as training time
             self._since += time.perf_counter() - self._paused
 
 
-def benchmark_stats(step_times, batch_size, mode):
+def benchmark_stats(step_times: Sequence[float], batch_size: int, mode: str) -> dict[str, float]:
     """The UNet3D reference's benchmark statistics (its runtime/hooks.py) of per-step wall times
     (seconds) of `batch_size` examples each: the mean throughput, the mean latency in ms and its
     upper confidence bounds at 90, 95 and 99 %."""
@@ -165,18 +175,21 @@ class BenchmarkHook(Hook):
         self.global_batch_size = global_batch_size
         self.times, self._last, self._count = [], None, 0
 
-    def begin(self, mode, total_steps, first_step):
+    def begin(self, mode: str, total_steps: Optional[int], first_step: int) -> None:
+        """Start the timing afresh."""
         self.times, self._count = [], 0
         self._last = time.perf_counter()
 
-    def after_step(self, mode, step, batch_size, loss):
+    def after_step(self, mode: str, step: int, batch_size: int, loss: Optional[float]) -> None:
+        """Keep the step's wall time once the warm-up steps are done."""
         now = time.perf_counter()
         self._count += 1
         if self._count > self.warmup:
             self.times.append(now - self._last)
         self._last = now
 
-    def end(self, mode, step, results):
+    def end(self, mode: str, step: int, results: dict[str, float]) -> None:
+        """Log the statistics of the timed steps (nothing for an evaluation)."""
         if mode == "eval":
             return
         if not self.times:
@@ -193,7 +206,8 @@ class ProgressHook(Hook):
         self.stream = stream or sys.stderr
         self.bar, self._outer = None, []
 
-    def begin(self, mode, total_steps, first_step):
+    def begin(self, mode: str, total_steps: Optional[int], first_step: int) -> None:
+        """Open a bar of `total_steps`, the outer mode's bar kept for after."""
         from common.progress import Progress
         self._outer.append(self.bar)  # an evaluation within training has a bar of its own
         self.bar = None
@@ -201,15 +215,18 @@ class ProgressHook(Hook):
             self.bar = Progress(total_steps, mode, self.stream)
             self.bar.done = first_step
 
-    def after_step(self, mode, step, batch_size, loss):
+    def after_step(self, mode: str, step: int, batch_size: int, loss: Optional[float]) -> None:
+        """Advance the bar by a step, showing the loss when synced."""
         if self.bar:
             self.bar.advance(note="" if loss is None else f"loss {loss:.4f}")
 
-    def progress(self, mode, note):
+    def progress(self, mode: str, note: str) -> None:
+        """Show `note` on the bar without advancing it."""
         if self.bar:
             self.bar.advance(0, note)
 
-    def end(self, mode, step, results):
+    def end(self, mode: str, step: int, results: dict[str, float]) -> None:
+        """Close the bar and return to the outer mode's."""
         if self.bar:
             self.bar.close()
         self.bar = self._outer.pop() if self._outer else None
@@ -222,12 +239,14 @@ class CheckpointHook(Hook):
         self.save_fn, self.every = save_fn, every
         self._saved_step = None
 
-    def after_step(self, mode, step, batch_size, loss):
+    def after_step(self, mode: str, step: int, batch_size: int, loss: Optional[float]) -> None:
+        """Save a checkpoint every `every` training steps."""
         if mode == "train" and self.every and step % self.every == 0:
             self.save_fn(step)
             self._saved_step = step
 
-    def end(self, mode, step, results):
+    def end(self, mode: str, step: int, results: dict[str, float]) -> None:
+        """Save the last training step's checkpoint unless it was just saved."""
         if mode == "train" and step != self._saved_step:
             self.save_fn(step)
             self._saved_step = step
@@ -240,11 +259,13 @@ class ProfileHook(Hook):
         self.engine, self.out_dir, self.steps = engine, out_dir, steps
         self._start, self._running = None, False
 
-    def begin(self, mode, total_steps, first_step):
+    def begin(self, mode: str, total_steps: Optional[int], first_step: int) -> None:
+        """Arm the trace to start after the first training step."""
         if mode == "train":
             self._start = first_step + 1
 
-    def after_step(self, mode, step, batch_size, loss):
+    def after_step(self, mode: str, step: int, batch_size: int, loss: Optional[float]) -> None:
+        """Start the trace at its first step and stop it `steps` steps later."""
         if mode != "train" or self._start is None:
             return
         if step == self._start and not self._running:
@@ -253,7 +274,8 @@ class ProfileHook(Hook):
         elif self._running and step >= self._start + self.steps:
             self.end(mode, step, {})
 
-    def end(self, mode, step, results):
+    def end(self, mode: str, step: int, results: dict[str, float]) -> None:
+        """Stop a running trace."""
         if self._running:
             self.engine.stop_trace()
             self._running, self._start = False, None
@@ -266,7 +288,8 @@ class EvalEveryHook(Hook):
     def __init__(self, evaluate, every):
         self.evaluate, self.every = evaluate, every
 
-    def after_step(self, mode, step, batch_size, loss):
+    def after_step(self, mode: str, step: int, batch_size: int, loss: Optional[float]) -> None:
+        """Evaluate every `every` training steps."""
         if mode == "train" and step % self.every == 0:
             self.evaluate(step)
 
@@ -281,7 +304,8 @@ class TrainingCurvesHook(Hook):
         self.ckpt_every = ckpt_every
         self.losses, self.evaluations = [], []
 
-    def after_step(self, mode, step, batch_size, loss):
+    def after_step(self, mode: str, step: int, batch_size: int, loss: Optional[float]) -> None:
+        """Keep each synced loss; redraw the curves at every checkpoint step."""
         if mode != "train":
             return
         if loss is not None:
@@ -289,14 +313,15 @@ class TrainingCurvesHook(Hook):
         if self.ckpt_every and step % self.ckpt_every == 0:
             self.write()
 
-    def end(self, mode, step, results):
+    def end(self, mode: str, step: int, results: dict[str, float]) -> None:
+        """Keep an evaluation's scores and redraw the curves (always at the end of training)."""
         if mode == "eval" and results and self.losses:  # a later one of the same step replaces it
             self.evaluations = [e for e in self.evaluations if e[0] != step]
             self.evaluations.append((step, {k: float(v) for k, v in results.items()}))
         if mode == "train" or (mode == "eval" and self.losses):
             self.write()
 
-    def write(self):
+    def write(self) -> None:
         """Draw the curves so far into the PNG."""
         from runtime.loops.pictures import training_curves_png
         training_curves_png(self.path, self.losses, self.evaluations)

@@ -8,8 +8,13 @@ probabilities into sums that stay on the device. The host only loops over the ba
 `sw_batch_size` windows of a volume; the window layout, the importance map and the sum of the
 maps (which depend on the volume's shape alone) are computed once per shape in NumPy.
 """
+from __future__ import annotations
+
 import itertools
 from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
 
 from keras import ops
 
@@ -17,13 +22,16 @@ from dataset.window_layout import gaussian_importance, importance_sum, window_gr
 
 # The 8 mirrorings of the three spatial axes of a (B, D, H, W, C) batch, the identity first.
 MIRRORS = tuple(axes for r in range(4) for axes in itertools.combinations((1, 2, 3), r))
+# Device tensors (the backend's arrays) are typed Any.
+Forward = Callable[[Any], Any]  # the model's inference: a batch to its probabilities
+Report = Callable[[int, int], Any]  # report(done, total) after each batch of windows
 
 
 def _mirror(x, axes):
     return ops.flip(x, axis=axes) if axes else x
 
 
-def window_probabilities(forward, x, tta=False):
+def window_probabilities(forward: Forward, x: Any, tta: bool = False) -> Any:
     """`forward(x)` as float32 probabilities; with `tta`, the mean over the 8 mirrorings of the
     spatial axes (each prediction mirrored back), run as one batch of 8·B."""
     if not tta:
@@ -36,7 +44,8 @@ def window_probabilities(forward, x, tta=False):
     return total / len(MIRRORS)
 
 
-def accumulate_windows(forward, volume, sums, starts, importance, tta=False):
+def accumulate_windows(forward: Forward, volume: Any, sums: Any, starts: Any, importance: Any,
+                       tta: bool = False) -> Any:
     """`sums` (1, D, H, W, classes) plus the importance-weighted probabilities of the windows of
     `volume` (1, D, H, W, C) that start at `starts` (k, 3). The window's size is the map's shape."""
     window = tuple(importance.shape)
@@ -50,14 +59,14 @@ def accumulate_windows(forward, volume, sums, starts, importance, tta=False):
     return sums
 
 
-def normalise(sums, weight_sum):
+def normalise(sums: Any, weight_sum: Any) -> Any:
     """The blended probabilities: `sums` over the volume's own grid (the padding cropped off)
     divided by the summed importance maps `weight_sum` (1, D, H, W, 1)."""
     d, h, w = weight_sum.shape[1:4]
     return sums[:, :d, :h, :w] / weight_sum
 
 
-def argmax_mask(probs):
+def argmax_mask(probs: Any) -> Any:
     """The int8 argmax of probabilities over the class axis."""
     return ops.cast(ops.argmax(probs, axis=-1), "int8")
 
@@ -98,7 +107,7 @@ class Inference:
         self._scores = engine.compile(lambda forward, y, probs: metrics_fn(y, probs))
         self._layouts = {}
 
-    def probabilities(self, x, report=None):
+    def probabilities(self, x: Any, report: Optional[Report] = None) -> Any:
         """Probabilities of a batch x (B, D, H, W, C): a device tensor (B, D, H, W, classes), float32,
         the mean over the ensemble's members."""
         x = ops.convert_to_tensor(x)
@@ -110,14 +119,16 @@ class Inference:
             total = probs if total is None else total + probs
         return total if len(self.members) == 1 else total / len(self.members)
 
-    def masks(self, x, report=None, probabilities=False):
+    def masks(self, x: Any, report: Optional[Report] = None,
+              probabilities: bool = False) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """(int8 argmax masks (B, D, H, W), and with `probabilities` the float16 probabilities
         (B, D, H, W, classes), else None), as NumPy."""
         probs = self.probabilities(x, report)
         masks = ops.convert_to_numpy(self._mask(probs))
         return masks, ops.convert_to_numpy(ops.cast(probs, "float16")) if probabilities else None
 
-    def scores(self, x, y, report=None, masks=False):
+    def scores(self, x: Any, y: Any, report: Optional[Report] = None, masks: bool = False
+               ) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], np.ndarray]:
         """The metrics of a batch scored on the probabilities: {name: (B,) NumPy array}; with
         `masks`, (that, the int8 argmax masks (B, D, H, W) as NumPy)."""
         probs = self.probabilities(x, report)

@@ -1,5 +1,9 @@
 """Pictures with matplotlib (the non-interactive Agg backend): a case's slices with its masks
 outlined, and the training curves (loss and validation dice against the step)."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
 import numpy as np
 
 VIEWS = (("axial", 2), ("coronal", 1), ("sagittal", 0))  # (name, axis held fixed)
@@ -13,7 +17,7 @@ def _pyplot():
     return plt
 
 
-def tumour_centre(*masks):
+def tumour_centre(*masks: Optional[np.ndarray]) -> tuple[int, ...]:
     """The voxel at the centre of mass of the first mask with a foreground voxel, else the
     volume's centre."""
     for mask in masks:
@@ -27,7 +31,8 @@ def _slice(volume, axis, index):
     return np.take(volume, index, axis=axis).T
 
 
-def case_png(path, image, prediction, truth=None, class_names=None, title=""):
+def case_png(path: str, image: np.ndarray, prediction: np.ndarray, truth: Optional[np.ndarray] = None,
+             class_names: Optional[Sequence[str]] = None, title: str = "") -> None:
     """Write `path`: the axial, coronal and sagittal slices of `image` (D, H, W) through the
     tumour's centre, with the outline of each class of `truth` (solid) and `prediction`
     (dashed); the centre comes from the truth, or the prediction when there is no truth."""
@@ -65,7 +70,8 @@ def case_png(path, image, prediction, truth=None, class_names=None, title=""):
     plt.close(figure)
 
 
-def training_curves_png(path, losses, evaluations):
+def training_curves_png(path: str, losses: Sequence[tuple[int, float]],
+                        evaluations: Sequence[tuple[int, dict[str, float]]]) -> None:
     """Write `path`: the training loss against the step (`losses`: [(step, loss)]) and, on a
     second axis, every validation score against the step (`evaluations`: [(step, {name: value})])."""
     plt = _pyplot()

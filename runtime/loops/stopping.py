@@ -8,9 +8,12 @@ workers agree every AGREE_EVERY steps and at the last one, through the engine's 
 agreeing waits for the step in flight, so it is not done after every step. The loop then writes
 its checkpoint and raises `Stopped`. Outside the loops the signals keep their usual effect.
 """
+from __future__ import annotations
+
 import contextlib
 import signal
 import threading
+from typing import Iterator
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 AGREE_EVERY = 4  # training steps between two agreements of several workers
@@ -25,12 +28,12 @@ class Stopped(Exception):
         super().__init__(message or f"stopped by {signal_name(signum)} after {mode} step {step}")
 
     @property
-    def code(self):
+    def code(self) -> int:
         """The exit status job systems read as a stop by this signal."""
         return 128 + self.signum
 
 
-def signal_name(signum):
+def signal_name(signum: int) -> str:
     """'SIGTERM' for 15, and so on."""
     return signal.Signals(signum).name
 
@@ -46,7 +49,7 @@ class StopRequest:
             self.signum = signum
 
     @contextlib.contextmanager
-    def watching(self):
+    def watching(self) -> Iterator[StopRequest]:
         """Record the stop signals instead of their usual effect, until the block ends (in the
         main thread only, where Python runs signal handlers)."""
         if threading.current_thread() is not threading.main_thread():

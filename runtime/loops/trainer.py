@@ -4,13 +4,22 @@ Every loop stops early on SIGTERM, SIGINT or SIGUSR1 (runtime/loops/stopping.py)
 step the workers agree on, with its checkpoint written by the hooks; evaluation and prediction
 between two volumes, the files already written complete. The loop then raises `Stopped`.
 """
+from __future__ import annotations
+
 import io
 import os
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
 from common.output_files import replacing
 from runtime.loops.stopping import AGREE_EVERY, StopRequest, Stopped
+
+if TYPE_CHECKING:  # for the annotations alone: inference.py imports Keras
+    from runtime.loops.inference import Inference
+
+# case_fn(i, image, one-hot truth or None, mask) of evaluate and predict.
+CaseFn = Callable[[int, np.ndarray, Optional[np.ndarray], np.ndarray], None]
 
 
 class Trainer:
@@ -25,7 +34,8 @@ class Trainer:
         self.log_every, self.sync_every_step = log_every, sync_every_step
         self.dump_dir = dump_dir
 
-    def train(self, make_dataset, first_step, last_step, batch_size):
+    def train(self, make_dataset: Callable[[], Iterable], first_step: int, last_step: int,
+              batch_size: int) -> Optional[float]:
         """Steps first_step+1 .. last_step over `make_dataset()`; returns the last loss (a float).
 
         A stop signal to any worker ends every worker's loop after the same step (the engine's
@@ -65,7 +75,8 @@ class Trainer:
         self.hooks.end("train", step, {})
         return loss_value, step, signum
 
-    def evaluate(self, dataset, step, inference=None, total=None, case_fn=None):
+    def evaluate(self, dataset: Iterable, step: int, inference: Optional[Inference] = None,
+                 total: Optional[int] = None, case_fn: Optional[CaseFn] = None) -> dict[str, float]:
         """Mean of each per-volume score over every volume of `dataset` (`total` batches, if known).
 
         With an `Inference` the scores are of its probabilities (sliding windows, mirroring, an
@@ -98,8 +109,11 @@ class Trainer:
         self.hooks.end("eval", step, results)
         return results
 
-    def predict(self, dataset, out_dir=None, names=None, mask_fn=None, inference=None,
-                save_probabilities=False, total=None, case_fn=None):
+    def predict(self, dataset: Iterable, out_dir: Optional[str] = None,
+                names: Optional[Sequence[str]] = None,
+                mask_fn: Optional[Callable[[int, np.ndarray], Any]] = None,
+                inference: Optional[Inference] = None, save_probabilities: bool = False,
+                total: Optional[int] = None, case_fn: Optional[CaseFn] = None) -> int:
         """Argmax masks of every volume; mask i is saved as out_dir/<names[i]>.npy unless out_dir is None.
 
         `mask_fn(i, mask)` is called for every mask as well (extra formats), and
@@ -140,7 +154,7 @@ class Trainer:
         return lambda done, total: self.hooks.progress(mode, f"windows {done}/{total}")
 
 
-def save_array(path, array):
+def save_array(path: str, array: np.ndarray) -> None:
     """`array` as path (.npy; .npz holds it as 'probabilities'), whole or not at all. The file is
     made in memory and written in one call, so that a full disk reports its errno."""
     buffer = io.BytesIO()
