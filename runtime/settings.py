@@ -1,5 +1,9 @@
 """The run's settings: frozen sections with the reference's defaults, and every cross-flag check.
 
+The field defaults below (and MODEL_DEFAULTS, where V-Net's differ) are the one place a flag's
+default is written: the command line leaves a flag it was not given as None, and its --help
+states the default from here (`flag_defaults`).
+
 `resolve(flags, ...)` turns the parsed command line (a plain dict of flag values, None where a
 flag was left out) into one frozen `Settings`; nothing changes it afterwards. A problem is a
 `FlagError` whose text names the flag; the command line reports it as a one-line error.
@@ -10,7 +14,7 @@ repeats one may be left out, one that contradicts it is an error (runtime/run_re
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_BF16_CONFIG = os.path.join(HERE, "bf16_config", "unet.json")
@@ -53,27 +57,27 @@ class RunSettings:
     dump_config: Optional[str] = None
 
     @property
-    def model_dir(self):
+    def model_dir(self) -> str:
         """The folder training writes into (the first of an ensemble)."""
         return self.model_dirs[0]
 
     @property
-    def trains(self):
+    def trains(self) -> bool:
         """Whether this mode trains."""
         return self.exec_mode in TRAINS
 
     @property
-    def evaluates(self):
+    def evaluates(self) -> bool:
         """Whether this mode evaluates."""
         return self.exec_mode in EVALUATES
 
     @property
-    def predicts(self):
+    def predicts(self) -> bool:
         """Whether this mode predicts."""
         return self.exec_mode in PREDICTS
 
     @property
-    def exports(self):
+    def exports(self) -> bool:
         """Whether this mode exports the trained model (runtime/loops/export.py)."""
         return self.exec_mode == "export"
 
@@ -169,9 +173,11 @@ class VNetSettings:
 
 
 NETWORK_SECTIONS = {"unet3d": UNet3DSettings, "vnet": VNetSettings}
-# Flags whose default differs between the networks: (unet3d, vnet).
-MODEL_DEFAULTS = {"batch_size": (2, 8), "seed": (None, 0), "log_every": (100, 10),
-                  "warmup_steps": (40, 200), "augment": (True, False), "dtype": (None, "fp32")}
+# The sections every run has; each network adds its own (NETWORK_SECTIONS).
+RUN_SECTIONS = (RunSettings, DataSettings, InferenceSettings, PrecisionSettings, ProcessSettings)
+# Where a network's default differs from the field default of the run's sections (UNet3D's).
+MODEL_DEFAULTS = {"vnet": {"batch_size": 8, "seed": 0, "log_every": 10, "warmup_steps": 200,
+                           "augment": False, "dtype": "fp32"}}
 
 
 @dataclass(frozen=True)
@@ -184,7 +190,7 @@ class Settings:
     processes: ProcessSettings = field(default_factory=ProcessSettings)
     network: object = field(default_factory=UNet3DSettings)
 
-    def network_fields(self):
+    def network_fields(self) -> Dict[str, Any]:
         """{name: value} of what defines the network's function, the model's name included."""
         values = {"model": self.run.model}
         for name in type(self.network).NETWORK_FIELDS:
@@ -193,11 +199,41 @@ class Settings:
         return values
 
 
-def _own_fields(section):
+def default_value(name: str, model: str) -> Any:
+    """The value setting `name` takes with --model `model` when its flag is left out: `model`'s
+    entry in MODEL_DEFAULTS, else the field default of the section that holds it (a run section
+    or `model`'s network section). A KeyError when none of them has the field."""
+    overrides = MODEL_DEFAULTS.get(model, {})
+    if name in overrides:
+        return overrides[name]
+    for section in RUN_SECTIONS + (NETWORK_SECTIONS[model],):
+        for found in dataclasses.fields(section):
+            if found.name == name:
+                if found.default_factory is not dataclasses.MISSING:
+                    return found.default_factory()
+                return found.default
+    raise KeyError(name)
+
+
+def flag_defaults(name: str) -> Dict[str, Any]:
+    """{model: default_value(name, model)} for each model that has the setting `name` (both for a
+    setting of the run's sections, one for a field of one network's section); {} for a name that is
+    no setting. The command line's help states a flag's default from these."""
+    values = {}
+    for model in MODELS:
+        try:
+            values[model] = default_value(name, model)
+        except KeyError:
+            pass
+    return values
+
+
+def _own_fields(section: type) -> List[str]:
+    """The field names of a settings dataclass."""
     return [f.name for f in dataclasses.fields(section)]
 
 
-def _section(cls, flags, **extra):
+def _section(cls: type, flags: Dict[str, Any], **extra: Any) -> Any:
     """An instance of `cls` from the flags that are set (None: the dataclass default)."""
     values = {name: flags[name] for name in _own_fields(cls) if flags.get(name) is not None}
     values.update(extra)
@@ -207,7 +243,7 @@ def _section(cls, flags, **extra):
     return cls(**values)
 
 
-def _bind(flags, saved, model_dir):
+def _bind(flags: Dict[str, Any], saved: Dict[str, Any], model_dir: str) -> None:
     """Fill the network-defining flags left out from `saved`; a contradicting flag is an error.
     What the data fixed rather than a flag (V-Net's n_classes, from dataset.json) does not bind."""
     section = NETWORK_SECTIONS.get(saved.get("model"))
@@ -227,9 +263,11 @@ def _bind(flags, saved, model_dir):
                             "choose another --model_dir")
 
 
-def _bind_data(flags, records, saved):
+def _bind_data(flags: Dict[str, Any], records: Dict[str, Any],
+               saved: Optional[Tuple[str, Dict[str, Any]]], phantom: bool) -> None:
     """Fill the fields the data fixes (convention, in_channels, n_classes) from `records` (what
-    --data_dir's records.json says); data that a saved network was not built for is an error."""
+    --data_dir's records.json says, or with `phantom` the built-in phantom's); data that a saved
+    network was not built for is an error."""
     if saved is not None:
         model_dir, network = saved
         # settings.json of runs before conventions existed hold no convention: brats2021's
@@ -238,7 +276,8 @@ def _bind_data(flags, records, saved):
         if differs:
             shown = ", ".join(f"{name} {records[name]}" for name in differs)
             trained = ", ".join(f"{name} {known.get(name)}" for name in differs)
-            raise FlagError(f"argument --data_dir: its records ({shown}) do not fit the network "
+            whose = "left out, the built-in phantom's" if phantom else "its"
+            raise FlagError(f"argument --data_dir: {whose} records ({shown}) do not fit the network "
                             f"{model_dir} was trained for ({trained}, its settings.json); choose "
                             "records of that dataset or another --model_dir")
     for name, value in records.items():
@@ -246,35 +285,40 @@ def _bind_data(flags, records, saved):
             flags[name] = value
 
 
-def resolve(flags, environ=None, launcher=None, saved=None, records=None):
+def resolve(flags: Dict[str, Any], environ: Optional[Mapping[str, str]] = None,
+            launcher: Optional[str] = None, saved: Optional[Tuple[str, Dict[str, Any]]] = None,
+            records: Optional[Dict[str, Any]] = None, phantom: bool = False) -> Settings:
     """The frozen Settings of a parsed command line.
 
     `flags`: {flag name: value or None}; `environ`: where KERAS_BACKEND and the JAX_* process
     variables are read (default os.environ); `launcher`: 'mpi', 'slurm', 'tf_config' or None;
     `saved`: (model_dir, network fields) of a model_dir trained before, which bind; `records`:
-    the network fields --data_dir's records fix ({convention, in_channels, n_classes}), or None.
+    the network fields the training data fixes ({convention, in_channels, n_classes}: those of
+    --data_dir's records, or with `phantom` those of the built-in phantom that a run without
+    --data_dir uses), or None. A FlagError names the flag.
     """
     flags = dict(flags)
     environ = os.environ if environ is None else environ
-    dirs = flags.get("model_dirs") or ["./results"]
+    dirs = flags.get("model_dirs") or list(RunSettings.model_dirs)
     flags["model_dirs"] = [dirs] if isinstance(dirs, str) else list(dirs)
-    exec_mode = flags.get("exec_mode") or "train_and_evaluate"
+    exec_mode = flags.get("exec_mode") or RunSettings.exec_mode
     if len(flags["model_dirs"]) > 1 and exec_mode in TRAINS:
         raise FlagError(f"argument --model_dir: --exec_mode {exec_mode} trains into one folder, got "
                         f"{len(flags['model_dirs'])}; several (an ensemble) are for evaluate and "
                         "predict")
-    if records is not None and (flags.get("model") or "unet3d") == "unet3d":
-        _bind_data(flags, records, saved)
+    saved_model = saved[1].get("model") if saved is not None else None
+    if records is not None and (flags.get("model") or saved_model or RunSettings.model) \
+            == "unet3d":
+        _bind_data(flags, records, saved, phantom)
     if saved is not None:
         _bind(flags, saved[1], saved[0])
-    model = flags.get("model") or "unet3d"
+    model = flags.get("model") or RunSettings.model
     flags["model"] = model
     _check_model_flags(flags, model)
-    column = MODELS.index(model)
-    for name, values in MODEL_DEFAULTS.items():
+    for name, value in MODEL_DEFAULTS.get(model, {}).items():
         if flags.get(name) is None:
-            flags[name] = values[column]
-    backend = flags.get("backend") or environ.get("KERAS_BACKEND") or "tensorflow"
+            flags[name] = value
+    backend = flags.get("backend") or environ.get("KERAS_BACKEND") or PrecisionSettings.backend
     if backend not in ("tensorflow", "jax"):
         raise FlagError(f"KERAS_BACKEND={backend}: this tool runs on tensorflow or jax")
     if exec_mode == "export":
@@ -297,7 +341,8 @@ def resolve(flags, environ=None, launcher=None, saved=None, records=None):
     return settings
 
 
-def _check_model_flags(flags, model):
+def _check_model_flags(flags: Dict[str, Any], model: str) -> None:
+    """No flag of the other network's section; V-Net trains with the dice loss only."""
     other = "vnet" if model == "unet3d" else "unet3d"
     own = set(_own_fields(NETWORK_SECTIONS[model]))
     for name in _own_fields(NETWORK_SECTIONS[other]):
@@ -307,7 +352,8 @@ def _check_model_flags(flags, model):
         raise FlagError(f"argument --loss: vnet trains with the dice loss, got {flags['loss']}")
 
 
-def _check_backend(flags):
+def _check_backend(flags: Dict[str, Any]) -> None:
+    """Horovod and AMP are TensorFlow's; the JAX process flags are JAX's."""
     if flags["backend"] == "jax":
         for name in ("use_horovod", "use_amp"):
             if flags.get(name):
@@ -324,7 +370,8 @@ JAX_PROCESS_VARIABLES = {"coordinator_address": "JAX_COORDINATOR_ADDRESS",
                          "num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
 
 
-def _fill_processes(flags, environ, launcher):
+def _fill_processes(flags: Dict[str, Any], environ: Mapping[str, str],
+                    launcher: Optional[str]) -> None:
     """The three flags of several JAX processes, filled in from JAX_* variables and checked."""
     if flags["backend"] != "jax":
         return
@@ -355,7 +402,7 @@ def _fill_processes(flags, environ, launcher):
                         "and srun)")
 
 
-def _check_outputs(settings):
+def _check_outputs(settings: Settings) -> None:
     """The challenge's metrics, pictures and evaluation during training."""
     run, inference = settings.run, settings.inference
     if inference.challenge_metrics:
@@ -379,8 +426,9 @@ def _check_outputs(settings):
                             "would be timed as training steps)")
 
 
-def check(settings):
-    """The checks between sections; a FlagError names the flag."""
+def check(settings: Settings) -> None:
+    """Every check of flags together (the checks between sections), run by `resolve` on the
+    Settings it builds; a FlagError names the flag."""
     run, data, net = settings.run, settings.data, settings.network
     if settings.inference.sliding_window and run.model == "vnet":
         raise FlagError("argument --sliding_window: V-Net's inputs are resampled whole onto "
@@ -409,7 +457,7 @@ def check(settings):
         raise FlagError(f"argument --bf16_config_path: {precision.bf16_config_path} does not exist")
 
 
-def _check_export(run):
+def _check_export(run: RunSettings) -> None:
     """--export_dir goes with --exec_mode export, and names a folder without files in it."""
     if not run.exports:
         if run.export_dir is not None:

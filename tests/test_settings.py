@@ -102,3 +102,26 @@ def test_a_model_dir_without_settings_runs_from_the_flags_after_a_notice(trained
     assert settings.network.normalization == "instancenorm"  # the flags' default, not the saved one
     assert parse_args(["--exec_mode", "evaluate", "--model_dir", trained["groupnorm"][0]]
                       ).network.normalization == "groupnorm"
+
+
+def test_a_network_of_other_records_refuses_the_phantom_in_one_line(tmp_path, capsys):
+    """Without --data_dir the run uses the built-in phantom (BraTS 2019-2021 data): a model_dir
+    trained on records of another convention is refused by the settings, before any run."""
+    model_dir = tmp_path / "ped"
+    model_dir.mkdir()
+    network = {"model": "unet3d", "convention": "brats-ped", "in_channels": 4, "n_classes": 5,
+               "normalization": "instancenorm", "include_background": False}
+    (model_dir / "settings.json").write_text(json.dumps({"network": network, "run": {}}))
+    result = main_here(capsys, "--exec_mode", "evaluate", "--model_dir", str(model_dir))
+    assert_one_line_error(result, "argument --data_dir: left out, the built-in phantom's records "
+                                  "(convention brats2021, n_classes 4) do not fit the network")
+    assert result.returncode == 2 and str(model_dir) in result.stderr
+
+
+def test_records_bind_only_a_unet3d_network():
+    """A V-Net model_dir with --data_dir and no --model: the data fixes nothing of V-Net's."""
+    from runtime.settings import resolve
+    records = {"convention": "brats2021", "in_channels": 4, "n_classes": 4}
+    saved = ("runs/vnet", {"model": "vnet", "data_normalization": "zscore"})
+    settings = resolve({"exec_mode": "evaluate"}, environ={}, saved=saved, records=records)
+    assert settings.run.model == "vnet" and isinstance(settings.network, VNetSettings)

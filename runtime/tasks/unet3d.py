@@ -27,17 +27,11 @@ class UNet3DTask(Task):
         if data_dir is None:
             from runtime.tasks.demo_data import phantom_brats
             data_dir = phantom_brats()
-        data = BratsData(data_dir, batch_size, fold=net.fold, num_folds=net.num_folds, seed=self.seed,
+        # runtime/settings.py took the network's convention, channels and classes from these
+        # records (or refused a saved network they do not fit)
+        return BratsData(data_dir, batch_size, fold=net.fold, num_folds=net.num_folds, seed=self.seed,
                          augment=d.augment, worker_id=worker_id, num_workers=num_workers,
                          local_streams=local_streams, prefetch_device=self.prefetch_device)
-        fields = data.info.network_fields()
-        wanted = {name: getattr(net, name) for name in fields}
-        if fields != wanted:
-            from common.errors import UserError
-            raise UserError(f"{data_dir}: its records ({data.info.layout}: {fields}) do not fit the "
-                            f"network ({wanted}); point --data_dir at records of the network's "
-                            "dataset, or train a new --model_dir on these")
-        return data
 
     def model(self, data=None):
         """The reference's UNet3D (model/layers.py and model/model_fn.py there); on a GPU its image convolution pads the input channels to 8, and
