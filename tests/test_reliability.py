@@ -5,7 +5,7 @@ training run per model_dir, and outputs on a full disk (a real tmpfs in a mount 
 The runs train the tool's smallest network (conftest's `tiny_vnet_flags`) on 32³ batches of 8,
 whose steps take long enough for a signal sent after one step to arrive in the next: the stops,
 the lock and the writes are the same code for either network. (UNet3D's resume after a killed
-process: tests/test_runtime.py.)"""
+process: tests/test_modes.py.)"""
 import json
 import os
 import re
@@ -132,7 +132,7 @@ def test_stops_by_signal_resume_to_the_uninterrupted_weights(records, reference,
     assert [int(re.search(r'"step": (\d+)', line).group(1)) for line in logged] == list(range(1, STEPS + 1))
     (step, resumed), (ref_step, uninterrupted) = weights_of(tmp_path / "model"), weights_of(reference / "model")
     assert step == ref_step == STEPS
-    for a, b in zip(resumed, uninterrupted):  # the bound of tests/test_runtime.py's resume test
+    for a, b in zip(resumed, uninterrupted):  # the bound of tests/test_modes.py's resume test
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
