@@ -1,14 +1,13 @@
 """The command line: every flag of the reference (its runtime/arguments.py), each default stated
 once (in runtime/settings.py, and --help reads it from there), and one-line errors."""
 import dataclasses
-import os
 import re
 
 import pytest
 
-from runtime.arguments import build_parser, parse_args
+from runtime.arguments import build_parser, parse_args, spelled
 from runtime.settings import MODELS, default_value, flag_defaults
-from tests.conftest import ROOT, main_here
+from tests.conftest import main_here
 
 REFERENCE_FLAGS = ["--exec_mode", "--model_dir", "--log_dir", "--data_dir", "--batch_size", "--dtype",
               "--bf16_config_path", "--fold", "--num_folds", "--max_steps", "--seed", "--log_every",
@@ -41,19 +40,6 @@ def test_defaults_are_the_references():
     assert data.augment is True and run.warmup_steps == 40 and run.log_dir == "/tmp/unet3d_logs"
     assert precision.bf16_config_path.endswith("bf16_config/unet.json")
     assert parse_args(["--num_workers_per_hls", "8", "--hls_type", "HLS2"]) == settings  # ignored
-
-
-def spelled(value):
-    """A setting's default as --help should state it."""
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, (list, tuple)):
-        return " ".join(map(str, value))
-    if isinstance(value, str) and value.startswith(ROOT + os.sep):
-        return os.path.relpath(value, ROOT)
-    return str(value)
 
 
 def flag_helps(text):
