@@ -130,6 +130,17 @@ def check_operations(operations, convention):
     return operations
 
 
+def operation_text(operation):
+    """One operation as the tool prints it: none, remove_small 50, keep_largest, relabel_small 200."""
+    voxels = operation.get("voxels")
+    return operation["op"] + ("" if voxels is None else f" {voxels}")
+
+
+def operations_text(operations):
+    """{region: operation} as one phrase: 'WT remove_small 50, TC none, ET relabel_small 200'."""
+    return ", ".join(f"{region} {operation_text(op)}" for region, op in operations.items())
+
+
 def read_postprocessing(path, convention):
     """The {region: operation} of a postprocessing.json, checked against the convention; a
     UserError (one line, naming the file) when it is unreadable or does not fit."""
