@@ -9,10 +9,13 @@ the convention's labels: the computation of
 V-Net: --input is an MSD image; it is resampled onto the network's grid with SimpleITK and the
 mask resampled back onto the image's grid: the computation of
     main.py --model vnet --exec_mode predict --save_nifti
---tta adds the tool's --tta (the mean over the 8 mirrorings of the spatial axes).
+--tta adds the tool's --tta (the mean over the 8 mirrorings of the spatial axes). A UNet3D
+exported with a postprocessing.json (metadata.json's "postprocessing") has its mask postprocessed
+as the tool's predict does; --no_postprocessing leaves it out, as the tool's flag.
 
 The modules imported from the tool (dataset/brats_nifti.py, dataset/msd.py,
-dataset/window_layout.py) need NumPy, nibabel and SimpleITK alone.
+dataset/window_layout.py, dataset/postprocessing.py) need NumPy, nibabel, SimpleITK and SciPy
+alone.
 """
 import argparse
 import itertools
@@ -48,6 +51,9 @@ def parse_args(argv):
                         help="the mask to write (an existing file is not overwritten)")
     parser.add_argument("--tta", action="store_true",
                         help="average the probabilities of the 8 mirrorings of the spatial axes")
+    parser.add_argument("--no_postprocessing", action="store_true",
+                        help="leave out the postprocessing that metadata.json holds (UNet3D "
+                             "exported with a postprocessing.json)")
     return parser.parse_args(argv)
 
 
@@ -76,6 +82,21 @@ def read_export(folder):
             raise UserError(f"{file_path}: its SHA-256 differs from metadata.json's (damaged or "
                             "changed); export the model again")
     return metadata
+
+
+def postprocessing_of(metadata, folder):
+    """The {region: operation} of metadata.json's postprocessing, or None without one; a UserError
+    names metadata.json when they do not fit its labels."""
+    from dataset.postprocessing import check_operations
+    body = metadata.get("postprocessing")
+    if not body:
+        return None
+    try:
+        return check_operations(body["operations"], metadata["labels"])
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        reason = f"no {err} entry" if isinstance(err, KeyError) else str(err).splitlines()[0]
+        raise UserError(f"{os.path.join(folder, METADATA)}: its postprocessing is not usable "
+                        f"({reason}); export the model again") from None
 
 
 def onnx_runner(path):
@@ -147,8 +168,9 @@ def case_channel_files(case_dir, channels):
     return paths
 
 
-def segment_unet3d(metadata, run, case_dir, output, tta):
-    """Read, normalize and segment a BraTS case folder; write the mask as NIfTI on its grid."""
+def segment_unet3d(metadata, run, case_dir, output, tta, operations=None):
+    """Read, normalize and segment a BraTS case folder; write the mask as NIfTI on its grid,
+    postprocessed by `operations` ({region: operation}) when given."""
     import nibabel as nib
 
     from dataset.brats_nifti import convert_images, load_nifti
@@ -162,6 +184,9 @@ def segment_unet3d(metadata, run, case_dir, output, tta):
     probs = sliding_window(run, x, sliding_window_shape(x.shape[:3]), metadata["sliding_window"], tta)
     classes = np.argmax(probs, axis=-1)
     labels = np.asarray(metadata["labels"]["labels"], np.uint8)[classes]
+    if operations:
+        from dataset.postprocessing import postprocess
+        labels = postprocess(labels, operations, metadata["labels"])
     affine = nib.load(paths[0]).affine
     nib.save(nib.Nifti1Image(np.swapaxes(labels, 0, 1).copy(), affine), output)
 
@@ -184,16 +209,23 @@ def segment_vnet(metadata, run, image_path, output, tta):
     sitk.WriteImage(mask_to_source_grid(mask, image_path), output)
 
 
-def segment(model_dir, case, output, tta=False):
-    """Segment `case` with the export in `model_dir` into `output` (see the module docstring)."""
+def segment(model_dir, case, output, tta=False, postprocessing=True):
+    """Segment `case` with the export in `model_dir` into `output` (see the module docstring);
+    `postprocessing` False leaves out metadata.json's."""
     metadata = read_export(model_dir)
+    operations = postprocessing_of(metadata, model_dir) if postprocessing else None
     if os.path.exists(output):
         raise UserError(f"{output}: already exists; choose another --output (nothing is overwritten)")
     run = onnx_runner(os.path.join(model_dir, metadata["onnx"]["file"]))
     folder = os.path.dirname(os.path.abspath(output))
     os.makedirs(folder, exist_ok=True)
     if metadata["network"]["model"] == "unet3d":
-        segment_unet3d(metadata, run, case, output, tta)
+        if operations:
+            from dataset.postprocessing import operations_text
+            print(f"postprocessing of {os.path.join(model_dir, METADATA)}: "
+                  f"{operations_text(operations)}; "
+                  "--no_postprocessing leaves it out", flush=True)
+        segment_unet3d(metadata, run, case, output, tta, operations)
     else:
         segment_vnet(metadata, run, case, output, tta)
 
@@ -202,7 +234,7 @@ def main(argv=None):
     """Run segment.py; returns the exit code (1 with a one-line error on bad input)."""
     args = parse_args(argv)
     try:
-        segment(args.model, args.input, args.output, args.tta)
+        segment(args.model, args.input, args.output, args.tta, not args.no_postprocessing)
     except UserError as err:
         print(f"segment.py: error: {err}", file=sys.stderr)
         return 1

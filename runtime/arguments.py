@@ -175,6 +175,20 @@ def _add_inference_flags(parser: argparse.ArgumentParser) -> None:
     _flag(group, "--save_probabilities", action="store_true",
           help="predict also writes each volume's class probabilities (float16, D×H×W×classes) as "
                "<mask name>.npz beside its mask")
+    _flag(group, "--choose_postprocessing", action="store_true",
+          help="with --challenge_metrics: evaluate also chooses the postprocessing of the masks "
+               "on the validation cases (per region: none, removing components below N voxels, "
+               "keeping the largest, relabelling an enhancing tumour below T voxels as core; one "
+               "kept only if it beats none), writes it to postprocessing.json in the first "
+               "--model_dir, metrics.csv after it and metrics_raw.csv before")
+    _flag(group, "--postprocessing_criterion", metavar="COLUMNS",
+          help="what --choose_postprocessing maximizes: metrics.csv score columns, comma-separated, "
+               "their mean over every region and case (hd95, lesion_hd95, lesion_fp, lesion_fn "
+               "are minimized)")
+    _flag(group, "--no_postprocessing", action="store_true",
+          help="evaluate, predict and export leave out the model_dir's postprocessing.json, which "
+               "they otherwise apply to the masks (metrics.csv, pictures, masks, NIfTI files) and "
+               "carry into metadata.json")
 
 
 def _add_unet3d_flags(parser: argparse.ArgumentParser) -> None:

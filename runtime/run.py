@@ -6,7 +6,7 @@ import contextlib
 import itertools
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
@@ -26,13 +26,15 @@ from runtime.tasks.base import Task, TaskData, make_task
 if TYPE_CHECKING:
     from runtime.loops.case_report import CaseReport
     from runtime.loops.inference import Inference
+    from runtime.loops.postprocessing_choice import Postprocessing
     from runtime.setup.cluster import Cluster
 
 
 @dataclass(frozen=True)
 class Parts:
     """What a run builds once and its stages share: the settings and machine, the network's task
-    and data, the model, its optimizer and the engine that compiles their steps."""
+    and data, the model, its optimizer and the engine that compiles their steps, and the
+    postprocessing that evaluate and predict apply to its masks (None: none)."""
     settings: Settings
     machine: Machine
     task: Task
@@ -40,6 +42,7 @@ class Parts:
     model: Any
     optimizer: Any
     engine: Engine
+    postprocessing: Optional[Postprocessing] = None
 
 
 def make_logger(settings: Settings, machine: Machine) -> Logger:
@@ -269,11 +272,39 @@ def case_report(parts: Parts, evaluating: bool) -> Optional[CaseReport]:
         return CaseReport(records, list(data.label_names), png_dir=png_dir)
     from dataset.conventions import CONVENTIONS
     convention = CONVENTIONS[settings.network.convention]
-    challenge = None
+    challenge = chooser = None
     if metrics:
         from runtime.loops.challenge_metrics import ChallengeMetrics
         challenge = ChallengeMetrics(convention)
-    return CaseReport(data.eval_records, convention.names, challenge, png_dir)
+    if metrics and settings.inference.choose_postprocessing:
+        from runtime.loops.postprocessing_choice import choose_postprocessing
+        criterion = settings.inference.postprocessing_criterion
+
+        def chooser(cases):
+            return choose_postprocessing(cases, convention, criterion)
+    return CaseReport(data.eval_records, convention.names, challenge, png_dir, chooser)
+
+
+def applied_postprocessing(settings: Settings) -> Optional[Postprocessing]:
+    """The postprocessing.json of the first --model_dir that evaluate and predict apply to their
+    masks (runtime/loops/postprocessing_choice.py), and the line that says so printed; None for
+    V-Net, with --no_postprocessing or --choose_postprocessing (which chooses on the raw masks),
+    where no mask is kept (benchmarks, evaluate without --challenge_metrics or --save_png) or
+    without the file. A file unreadable or not of the network's label convention is a UserError
+    naming it."""
+    run_settings, inference = settings.run, settings.inference
+    uses_masks = run_settings.predicts or (run_settings.evaluates and (
+        run_settings.save_png or inference.challenge_metrics))
+    if (run_settings.model != "unet3d" or inference.no_postprocessing or run_settings.benchmark
+            or inference.choose_postprocessing or not uses_masks):
+        return None
+    from dataset.conventions import CONVENTIONS
+    from runtime.loops.postprocessing_choice import load_postprocessing
+    found = load_postprocessing(run_settings.model_dir,
+                                CONVENTIONS[settings.network.convention])
+    if found is not None:
+        print(found.line(run_settings.model_dirs), flush=True)
+    return found
 
 
 def whole_volume(settings: Settings) -> bool:
@@ -303,19 +334,30 @@ def export(settings: Settings) -> dict:
         raise UserError(f"--model_dir {run_settings.model_dir}: no {run_record.FILE_NAME} (trained "
                         "before version 2.0), so its preprocessing and labels are unknown; train "
                         "it again to export it")
+    from runtime.loops.export import describe, kept_postprocessing, write_export
+    network = saved["network"]
+    body = describe(network, saved.get("run", {}), step, settings.inference)
+    kept = None
+    if network["model"] == "unet3d" and not settings.inference.no_postprocessing:
+        kept = kept_postprocessing(run_settings.model_dir, body["labels"])
+    if kept is not None:
+        body["postprocessing"] = kept
     import_tensorflow(run_settings.tf_verbosity)
     import keras
 
-    from runtime.loops.export import describe, write_export
     keras.mixed_precision.set_dtype_policy("float32")
-    network = saved["network"]
     task = make_task(run_settings.model, settings.network, settings.data)
     model = task.model(ClassCount(network.get("n_classes")))
     checkpoint.restore(path, model)
-    body = write_export(model, run_settings.export_dir,
-                        describe(network, saved.get("run", {}), step, settings.inference))
-    print(f"exported step {step} of {run_settings.model_dir} to {run_settings.export_dir}",
-          flush=True)
+    body = write_export(model, run_settings.export_dir, body)
+    with_postprocessing = ""
+    if kept is not None:
+        from dataset.postprocessing import operations_text
+        with_postprocessing = (f", with the postprocessing of its postprocessing.json "
+                               f"({operations_text(kept['operations'])}; --no_postprocessing "
+                               "leaves it out)")
+    print(f"exported step {step} of {run_settings.model_dir} to {run_settings.export_dir}"
+          f"{with_postprocessing}", flush=True)
     return body
 
 
@@ -333,6 +375,7 @@ def run(settings: Settings) -> dict:
                         "several workers")
     locks = (run_settings.trains and cluster.is_chief and not run_settings.benchmark)
     with cluster.failures(), (run_lock.holding(machine.model_dir) if locks else contextlib.nullcontext()):
+        postprocessing = applied_postprocessing(settings) if cluster.is_chief else None
         logger = make_logger(settings, machine)
         task = make_task(run_settings.model, settings.network, settings.data, machine)
         local = cluster.local_replicas
@@ -340,7 +383,11 @@ def run(settings: Settings) -> dict:
                          settings.data.batch_size * local,
                          need_eval=run_settings.evaluates or bool(run_settings.eval_every),
                          need_test=run_settings.predicts, local_streams=local)
-        parts = build(settings, machine, task, data)
+        if settings.inference.choose_postprocessing and data.n_eval == 0:
+            raise UserError(f"argument --choose_postprocessing: fold {settings.network.fold} of "
+                            "the data has no validation case to choose on; choose another --fold "
+                            "or give --data_dir records with validation cases")
+        parts = replace(build(settings, machine, task, data), postprocessing=postprocessing)
         save_fn = make_save_fn(parts)
         hooks = make_hooks(parts, logger, save_fn)
         trainer = Trainer(parts.engine, hooks, run_settings.log_every, sync_every_step=run_settings.benchmark,
@@ -407,11 +454,17 @@ def run_modes(parts: Parts, trainer: Trainer, logger: Logger) -> dict:
         dataset = data.eval_volumes() if sliding else data.eval_dataset()
         total = data.n_eval if sliding else math.ceil(data.n_eval / data.batch_size)
         report = case_report(parts, evaluating=True)
-        results["eval"] = trainer.evaluate(dataset, step, inference, total, report)
+        results["eval"] = trainer.evaluate(dataset, step, inference, total, report,
+                                           parts.postprocessing)
         if report is not None:
             out_dir = run_settings.output_dir or machine.model_dir
             os.makedirs(out_dir, exist_ok=True)
             results["challenge"] = report.finish(out_dir, logger, step)
+        if report is not None and report.choice is not None:
+            from runtime.loops.postprocessing_choice import keep_choice
+            print(keep_choice(report.choice, run_settings.model_dirs, report.metrics.convention,
+                              report.chosen_on), flush=True)
+            results["postprocessing"] = report.choice.description
     if run_settings.predicts:
         results["predictions"] = predict(parts, trainer, inference)
     return results
@@ -435,6 +488,7 @@ def predict(parts: Parts, trainer: Trainer, inference: Optional[Inference] = Non
     count = trainer.predict(dataset, out_dir, names, nifti, inference,
                             settings.inference.save_probabilities,
                             total=math.ceil(len(names) / (1 if sliding else data.batch_size)),
-                            case_fn=case_report(parts, evaluating=False))
+                            case_fn=case_report(parts, evaluating=False),
+                            postprocess=parts.postprocessing)
     print(f"wrote {count} masks to {out_dir}", flush=True)
     return count

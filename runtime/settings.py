@@ -94,13 +94,19 @@ class DataSettings:
 
 @dataclass(frozen=True)
 class InferenceSettings:
-    """How evaluate and predict see a volume: the centred window, or sliding windows, mirroring."""
+    """How evaluate and predict see a volume: the centred window, or sliding windows, mirroring;
+    what they score and write, and the postprocessing of their masks (a model_dir's
+    postprocessing.json, or its choice on the validation cases)."""
     sliding_window: bool = False
     overlap: float = 0.5
     sw_batch_size: int = 2
     tta: bool = False
     save_probabilities: bool = False
     challenge_metrics: bool = False
+    choose_postprocessing: bool = False
+    # metrics.csv score columns, their mean (runtime/loops/postprocessing_choice.py's DEFAULT_CRITERION)
+    postprocessing_criterion: str = "dice,lesion_f1"
+    no_postprocessing: bool = False
 
 
 @dataclass(frozen=True)
@@ -414,6 +420,7 @@ def _check_outputs(settings: Settings) -> None:
         if not inference.sliding_window:
             raise FlagError("argument --challenge_metrics: the lesion-wise metrics need whole "
                             "volumes; add --sliding_window")
+    _check_postprocessing(settings)
     if run.save_png and run.exec_mode == "train":
         raise FlagError("argument --save_png: pictures are of evaluate and predict; use "
                         "--exec_mode train_and_evaluate, evaluate or predict")
@@ -424,6 +431,33 @@ def _check_outputs(settings: Settings) -> None:
         if run.benchmark:
             raise FlagError("argument --eval_every: leave it out with --benchmark (evaluations "
                             "would be timed as training steps)")
+
+
+def _check_postprocessing(settings: Settings) -> None:
+    """--choose_postprocessing scores the validation cases with the challenge's metrics by a
+    criterion of metrics.csv's columns; --postprocessing_criterion is for it alone."""
+    run, inference, data = settings.run, settings.inference, settings.data
+    criterion = inference.postprocessing_criterion
+    if not inference.choose_postprocessing:
+        if criterion != InferenceSettings.postprocessing_criterion:
+            raise FlagError("argument --postprocessing_criterion: only --choose_postprocessing "
+                            "uses it; add that flag or leave this one out")
+        return
+    if not inference.challenge_metrics:
+        raise FlagError("argument --choose_postprocessing: it scores the candidates on the "
+                        "validation cases with the challenge's metrics; add --challenge_metrics "
+                        "(with --sliding_window, --exec_mode evaluate or train_and_evaluate)")
+    if data.synth_data:
+        raise FlagError("argument --choose_postprocessing: synthetic data has no validation cases "
+                        "to choose on; leave out --synth_data")
+    if inference.no_postprocessing:
+        raise FlagError("argument --no_postprocessing: --choose_postprocessing already scores the "
+                        "masks before any postprocessing; leave one of them out")
+    from runtime.loops.postprocessing_choice import criterion_columns
+    try:
+        criterion_columns(criterion)
+    except ValueError as err:
+        raise FlagError(f"argument --postprocessing_criterion: {err}") from None
 
 
 def check(settings: Settings) -> None:

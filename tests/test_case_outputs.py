@@ -68,6 +68,8 @@ def test_evaluate_writes_metrics_csv_pictures_and_training_curves(trained, capsy
     means = [e for e in logged if e["type"] == "challenge"][-1]["data"]
     assert means["WT_lesion_f1"] == pytest.approx(float(rows[2]["lesion_f1"]))
     assert "ET_hd95" in out.stdout and "metrics.csv" in out.stdout
+    # Without a postprocessing.json in model_dir nothing is postprocessed, and nothing says so.
+    assert "postprocessing" not in out.stdout and not os.path.exists(root / "out" / "metrics_raw.csv")
 
     # A picture per case from evaluate (truth and prediction) and predict (prediction alone).
     assert os.listdir(root / "out" / "png") == [f"{case}.png"]
@@ -80,6 +82,17 @@ def test_evaluate_writes_metrics_csv_pictures_and_training_curves(trained, capsy
     (["--exec_mode", "predict", "--sliding_window", "--challenge_metrics"], "--challenge_metrics"),
     (["--model", "vnet", "--exec_mode", "evaluate", "--challenge_metrics"], "--challenge_metrics"),
     (["--exec_mode", "train", "--save_png"], "--save_png"),
+    (["--exec_mode", "evaluate", "--sliding_window", "--choose_postprocessing"],
+     "argument --choose_postprocessing: it scores the candidates on the validation cases with the "
+     "challenge's metrics; add --challenge_metrics"),
+    (["--exec_mode", "evaluate", "--sliding_window", "--challenge_metrics", "--choose_postprocessing",
+      "--synth_data"], "argument --choose_postprocessing: synthetic data has no validation cases"),
+    (["--exec_mode", "evaluate", "--sliding_window", "--challenge_metrics", "--choose_postprocessing",
+      "--no_postprocessing"], "argument --no_postprocessing"),
+    (["--exec_mode", "evaluate", "--sliding_window", "--challenge_metrics", "--choose_postprocessing",
+      "--postprocessing_criterion", "dice,hd95"], "argument --postprocessing_criterion"),
+    (["--exec_mode", "evaluate", "--postprocessing_criterion", "hd95"],
+     "argument --postprocessing_criterion: only --choose_postprocessing uses it"),
     (["--exec_mode", "evaluate", "--eval_every", "5"], "--eval_every"),
     (["--benchmark", "--eval_every", "5"], "--eval_every"),
 ])
@@ -89,6 +102,25 @@ def test_output_flags_that_cannot_work_give_one_line_errors(argv, flag, capsys, 
     assert exited.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and flag in lines[0], lines
+
+
+def test_choosing_postprocessing_without_validation_cases_is_one_line(trained, tmp_path, capsys):
+    """Records whose validation fold holds no case: --choose_postprocessing stops before the model
+    is built, naming the flag."""
+    root, records, common = trained
+    data = tmp_path / "records"
+    data.mkdir()
+    for name in os.listdir(records):
+        os.link(os.path.join(records, name), data / name)
+    os.remove(data / "volume-0.tfrecord")  # fold 0 of 3: the first file, now without a record
+    (data / "volume-0.tfrecord").write_bytes(b"")
+    out = main_here(capsys, *common, "--data_dir", str(data), "--model_dir", str(tmp_path / "m"),
+                    "--exec_mode", "evaluate", "--sliding_window", "--challenge_metrics",
+                    "--choose_postprocessing")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1, out.stderr
+    assert "argument --choose_postprocessing: fold 0 of the data has no validation case" in lines[0]
+    assert not os.listdir(tmp_path / "m")  # nothing written
 
 
 def test_an_evaluation_within_training_keeps_the_training_bar_and_curves(tmp_path):

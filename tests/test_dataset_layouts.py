@@ -1,8 +1,8 @@
 """The dataset layouts end to end: the phantom written as BraTS 2019–2021, BraTS 2023+ (glioma with
 cavities, meningioma RT; paediatric preprocessed only) and MSD Task01 preprocesses, trains and
-predicts,
-and its masks come back in the layout's own label values on the source grid; bad input of each
-kind is one line naming the file."""
+predicts, and its masks come back in the layout's own label values on the source grid (the
+glioma's run also chooses its postprocessing and predicts with it); bad input of each kind is one
+line naming the file."""
 import json
 import os
 
@@ -94,6 +94,9 @@ def test_each_layout_preprocesses_trains_and_predicts(written, capsys):
     np.testing.assert_array_equal(mask.affine, AFFINE)
     assert set(np.unique(np.asarray(mask.dataobj))) <= set(convention.labels)
 
+    if convention_name == "brats-gli-post":  # multi-lesion glioma, the 1-step network's specks
+        check_postprocessing_end_to_end(capsys, common, root, convention, case)
+
     if convention_name == "brats-men-rt":  # records of another convention do not fit the network
         other = str(root / "described_as_brats2021")
         os.makedirs(other)
@@ -105,6 +108,61 @@ def test_each_layout_preprocesses_trains_and_predicts(written, capsys):
         assert result.returncode == 2 and len(err) == 1, err
         assert "argument --data_dir" in err[0] and "convention brats2021" in err[0]
         assert "convention brats-men-rt" in err[0]
+
+
+def criterion_mean(path):
+    """The default criterion of --choose_postprocessing from a metrics.csv: the mean over every
+    region and case of the mean of dice and lesion_f1."""
+    import csv
+    rows = list(csv.DictReader(open(path)))
+    return np.mean([(float(row["dice"]) + float(row["lesion_f1"])) / 2 for row in rows])
+
+
+def check_postprocessing_end_to_end(capsys, common, root, convention, case):
+    """On a trained model_dir of BraTS 2023 phantom cases: --choose_postprocessing writes
+    postprocessing.json (chosen on the validation case, the criterion after not below before,
+    metrics.csv after and metrics_raw.csv before); predict applies it, saying so in one line, to
+    its masks and --save_nifti files; the pooled choice of runtime/pool_postprocessing.py on the
+    cases it kept is the same."""
+    from dataset.postprocessing import operations_text, postprocess
+    from runtime.pool_postprocessing import main as pool_main
+    model_dir, evaluated, predicted = str(root / "model"), root / "evaluated", root / "predicted"
+    result = main_here(capsys, *common, "--exec_mode", "evaluate", "--sliding_window",
+                       "--challenge_metrics", "--choose_postprocessing", "--save_png",
+                       "--output_dir", str(evaluated))
+    assert result.returncode == 0, result.stderr
+    with open(os.path.join(model_dir, "postprocessing.json")) as handle:
+        chosen = json.load(handle)
+    assert chosen["validation_cases"] == [case] and chosen["model_dirs"] == [model_dir]
+    assert chosen["criterion"] == ["dice", "lesion_f1"] and chosen["convention"] == convention.name
+    assert set(chosen["operations"]) == {"ET", "TC", "WT", "RC"}
+    assert any(op["op"] != "none" for op in chosen["operations"].values()), chosen["operations"]
+    assert chosen["score_after"] >= chosen["score_before"]
+    assert criterion_mean(evaluated / "metrics.csv") == pytest.approx(chosen["score_after"])
+    assert criterion_mean(evaluated / "metrics_raw.csv") == pytest.approx(chosen["score_before"])
+    assert "postprocessing candidates on 1 validation case" in result.stdout
+    assert os.listdir(evaluated / "png") == [f"{case}.png"]
+
+    result = main_here(capsys, *common, "--exec_mode", "predict", "--sliding_window", "--save_nifti",
+                       "--save_probabilities", "--output_dir", str(predicted))
+    assert result.returncode == 0, result.stderr
+    applied = [line for line in result.stdout.splitlines() if "postprocessing" in line]
+    assert applied == [f"postprocessing of {model_dir}/postprocessing.json: "
+                       f"{operations_text(chosen['operations'])}; --no_postprocessing leaves it out"]
+    raw = np.load(predicted / "vol_0.npz")["probabilities"].argmax(-1)
+    mask = np.load(predicted / "vol_0.npy")
+    expected = postprocess(raw, chosen["operations"], convention, in_classes=True)
+    assert np.mean(expected == mask) >= 0.999 and np.mean(raw != mask) > 0.001
+    nifti = np.asarray(nib.load(str(predicted / "nifti" / f"{case}.nii.gz")).dataobj)
+    np.testing.assert_array_equal(nifti, np.swapaxes(convention.to_source(mask), 0, 1))
+
+    assert pool_main([model_dir]) == 0  # the one fold's kept case: the same choice
+    with open(os.path.join(model_dir, "postprocessing.json")) as handle:
+        assert json.load(handle)["candidates"] == chosen["candidates"]
+    capsys.readouterr()
+    assert pool_main([model_dir, model_dir]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"postprocessing_cases.npz: case {case} is a validation case" in err[0]
 
 
 @pytest.mark.parametrize("key", list(LAYOUTS), ids=IDS)

@@ -1,7 +1,7 @@
-"""--exec_mode export and segment.py: a trained UNet3D (conftest's) and V-Net each exported once;
-the SavedModel and the ONNX model against the Keras model, segment.py (with TensorFlow, Keras and
-JAX made unimportable) against main.py predict --save_nifti, and the one-line errors on bad
-input."""
+"""--exec_mode export and segment.py: a trained UNet3D (conftest's, with a postprocessing.json) and
+V-Net each exported once; the SavedModel and the ONNX model against the Keras model, segment.py
+(with TensorFlow, Keras and JAX made unimportable) against main.py predict --save_nifti, both
+postprocessed, and the one-line errors on bad input."""
 import json
 import os
 import shutil
@@ -47,17 +47,30 @@ def export_and_predict(model_dir, root, predict_flags):
     return export_dir, os.path.join(predicted, "nifti")
 
 
+# Removes the 4-step network's specks (it predicts a hundred), keeps one core, and leaves the
+# enhancing tumour only in components of 20 voxels or more.
+POSTPROCESSING = {"WT": {"op": "remove_small", "voxels": 10}, "TC": {"op": "keep_largest"},
+                  "ET": {"op": "remove_small", "voxels": 20}}
+
+
 @pytest.fixture(scope="module")
 def unet(unet3d_run, tmp_path_factory):
-    """conftest's UNet3D run (4 steps) exported, and its sliding-window prediction of the validation
-    case of three 40×40×36 phantom cases (a grid that is no multiple of the window)."""
+    """conftest's UNet3D run (4 steps), its folder copied (linked) with a postprocessing.json,
+    exported, and its sliding-window prediction of the validation case of three 40×40×36 phantom
+    cases (a grid that is no multiple of the window), postprocessed, with its probabilities."""
+    from dataset.postprocessing import write_postprocessing
     root = str(tmp_path_factory.mktemp("unet"))
     records = phantom_records(root, 3, (40, 40, 36), seed=5)
-    model_dir = str(unet3d_run / "model")
-    export_dir, masks = export_and_predict(model_dir, root, ["--data_dir", records, "--sliding_window"])
+    model_dir = os.path.join(root, "model")
+    shutil.copytree(str(unet3d_run / "model"), model_dir, copy_function=os.link)
+    write_postprocessing(os.path.join(model_dir, "postprocessing.json"),
+                         {"operations": POSTPROCESSING, "criterion": ["dice", "lesion_f1"]})
+    export_dir, masks = export_and_predict(model_dir, root, ["--data_dir", records, "--sliding_window",
+                                                             "--save_probabilities"])
     (mask,) = os.listdir(masks)
     case = os.path.join(root, "nifti", mask[:-len(".nii.gz")])
-    return {"model_dir": model_dir, "export": export_dir, "case": case, "mask": os.path.join(masks, mask)}
+    return {"model_dir": model_dir, "export": export_dir, "case": case, "mask": os.path.join(masks, mask),
+            "probabilities": os.path.join(root, "predicted", "vol_0.npz")}
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +143,7 @@ def test_metadata(unet, vnet):
     assert {k: meta["sliding_window"][k] for k in ("overlap", "sigma_scale", "min_importance")} == \
         {"overlap": 0.5, "sigma_scale": 0.125, "min_importance": 1e-3}
     assert meta["onnx"]["opset"] == 17 and meta["trained"]["step"] == 4
+    assert meta["postprocessing"]["operations"] == POSTPROCESSING  # the model_dir's file
     assert "model.onnx" in meta["files"] and "saved_model/saved_model.pb" in meta["files"]
     for name, digest in meta["files"].items():
         assert sha256(os.path.join(unet["export"], name)) == digest
@@ -137,6 +151,7 @@ def test_metadata(unet, vnet):
         meta = json.load(handle)
     assert meta["resampling"]["shape"] == [32, 32, 16] and meta["input"]["shape"] == [None, 32, 32, 16, 1]
     assert meta["labels"]["labels"] == [0, 1, 2] and "sliding_window" not in meta
+    assert "postprocessing" not in meta  # no postprocessing.json: none
 
 
 @pytest.fixture(scope="module")
@@ -158,15 +173,32 @@ def segment(env, *argv):
 
 
 def test_segment_reproduces_unet3d_predict(unet, blocked_env, tmp_path):
+    """segment.py, predict's masks and its --save_nifti files are the same postprocessed masks."""
+    from dataset.conventions import CONVENTIONS
+    from dataset.postprocessing import postprocess
+    from segment import segment as segment_here
     out = str(tmp_path / "mask.nii.gz")
     result = segment(blocked_env, "--model", unet["export"], "--input", unet["case"], "--output", out)
     assert result.returncode == 0, result.stderr
+    assert "postprocessing of " + os.path.join(unet["export"], "metadata.json") in result.stdout
     ours, tools = nib.load(out), nib.load(unet["mask"])
     assert ours.shape == tools.shape == (40, 40, 36)
     np.testing.assert_array_equal(ours.affine, tools.affine)
     same = np.mean(np.asarray(ours.dataobj) == np.asarray(tools.dataobj))
     assert same >= 0.999, same
     assert set(np.unique(np.asarray(ours.dataobj))) <= {0, 1, 2, 4}
+    # The tool postprocessed its mask, .npy and NIfTI alike: the argmax of its probabilities (saved
+    # in float16) differs from it, and postprocessed gives it.
+    brats2021 = CONVENTIONS["brats2021"]
+    raw = np.load(unet["probabilities"])["probabilities"].argmax(-1)
+    mask = np.load(unet["probabilities"].replace(".npz", ".npy"))
+    np.testing.assert_array_equal(np.swapaxes(brats2021.to_source(mask), 0, 1), tools.dataobj)
+    assert np.mean(postprocess(raw, POSTPROCESSING, brats2021, in_classes=True) == mask) >= 0.999
+    assert np.mean(raw != mask) > 0.005
+    # segment.py --no_postprocessing leaves it out: the raw argmax (here in this process).
+    segment_here(unet["export"], unet["case"], str(tmp_path / "raw.nii.gz"), postprocessing=False)
+    raw_ours = np.asarray(nib.load(str(tmp_path / "raw.nii.gz")).dataobj)
+    assert np.mean(raw_ours == np.swapaxes(brats2021.to_source(raw), 0, 1)) >= 0.999
 
 
 def test_segment_reproduces_vnet_predict_with_tta(vnet, blocked_env, tmp_path):
@@ -205,6 +237,15 @@ def test_bad_export(vnet, tmp_path):
     assert_one_line_error(result, os.path.join(changed, "model.onnx") + ": its SHA-256 differs")
     result = segment(None, "--model", str(tmp_path), "--input", vnet["image"], "--output", out)
     assert_one_line_error(result, os.path.join(str(tmp_path), "metadata.json") + ": missing")
+    lacking = copy_export(vnet["export"], tmp_path / "lacking")  # MSD hippocampus: no regions
+    with open(os.path.join(lacking, "metadata.json")) as handle:
+        meta = json.load(handle)
+    meta["postprocessing"] = {"operations": {"WT": {"op": "keep_largest"}}}
+    with open(os.path.join(lacking, "metadata.json"), "w") as handle:
+        json.dump(meta, handle)
+    result = segment(None, "--model", lacking, "--input", vnet["image"], "--output", out)
+    assert_one_line_error(result, os.path.join(lacking, "metadata.json") + ": its postprocessing "
+                          "is not usable (names region 'WT', which the msd convention lacks")
     assert not os.path.exists(out)
 
 
@@ -249,4 +290,15 @@ def test_export_flag_errors(unet, tmp_path, capsys):
     result = main_here(capsys, "--exec_mode", "export", "--model_dir", str(tmp_path / "untrained"),
                        "--export_dir", str(tmp_path / "out"))
     assert_one_line_error(result, "no checkpoint to export")
+    assert not (tmp_path / "out").exists()
+    # A postprocessing.json the convention does not fit stops the export, naming the file.
+    model_dir = str(tmp_path / "model")
+    shutil.copytree(unet["model_dir"], model_dir, copy_function=os.link)
+    os.remove(os.path.join(model_dir, "postprocessing.json"))  # a link: the fixture's stays
+    with open(os.path.join(model_dir, "postprocessing.json"), "w") as handle:
+        json.dump({"operations": {"RC": {"op": "keep_largest"}}}, handle)
+    result = main_here(capsys, "--exec_mode", "export", "--model_dir", model_dir, "--export_dir",
+                       str(tmp_path / "out"))
+    assert_one_line_error(result, os.path.join(model_dir, "postprocessing.json") + ": not a usable "
+                          "postprocessing file (names region 'RC', which the brats2021 convention")
     assert not (tmp_path / "out").exists()

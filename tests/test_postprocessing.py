@@ -204,9 +204,34 @@ def test_the_choice_on_validation_cases(tmp_path):
 
 
 def test_criterion():
-    from runtime.loops.postprocessing_choice import criterion_columns
+    from runtime.loops.postprocessing_choice import DEFAULT_CRITERION, criterion_columns
+    from runtime.settings import InferenceSettings
+    assert InferenceSettings.postprocessing_criterion == ",".join(DEFAULT_CRITERION)
     assert criterion_columns("dice,lesion_f1") == (("dice", "lesion_f1"), 1)
     assert criterion_columns("hd95") == (("hd95",), -1)
     for bad in ("dice,hd95", "ET_dice", ""):
         with pytest.raises(ValueError):
             criterion_columns(bad)
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"operations": {"RC": {"op": "keep_largest"}}}, "not a usable postprocessing file (names "
+                                                     "region 'RC', which the brats2021 convention "
+                                                     "lacks"),
+    ("{not json", "not a usable postprocessing file (Expecting property name"),
+], ids=["region", "unreadable"])
+def test_a_bad_postprocessing_json_stops_predict_and_evaluate_in_one_line(tmp_path, capsys, body,
+                                                                         words):
+    """Read before the data and the model: one line naming the file; --no_postprocessing runs
+    without it (here up to the missing checkpoint)."""
+    from tests.conftest import assert_one_line_error, main_here
+    path = tmp_path / "model" / "postprocessing.json"
+    path.parent.mkdir()
+    path.write_text(body if isinstance(body, str) else json.dumps(body))
+    common = ["--model_dir", str(path.parent), "--log_dir", str(tmp_path / "logs"), "--dtype", "fp32"]
+    for mode in (["predict"], ["evaluate", "--sliding_window", "--challenge_metrics"]):
+        result = main_here(capsys, *common, "--exec_mode", *mode)
+        assert_one_line_error(result, f"{path}: {words}")
+    result = main_here(capsys, *common, "--exec_mode", "predict", "--no_postprocessing",
+                       "--synth_data")
+    assert_one_line_error(result, "no checkpoint to predict with")

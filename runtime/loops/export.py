@@ -1,6 +1,7 @@
 """A trained model as files that run without the tool: a TensorFlow SavedModel, an ONNX model and
 metadata.json, which holds what a user needs around the network (channel order, preprocessing,
-resampling, labels, sliding-window defaults) and a SHA-256 of every exported file.
+resampling, labels, sliding-window defaults, the postprocessing of model_dir's
+postprocessing.json) and a SHA-256 of every exported file.
 
 segment.py (at the top of the repository) reads such a folder with ONNX Runtime alone.
 """
@@ -11,7 +12,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 from common.checksums import sha256
 from common.errors import UserError
@@ -105,6 +106,19 @@ def describe(network: dict[str, Any], trained: dict[str, Any], step: int,
         n = network["n_classes"]
         body["labels"] = {"name": "msd", "labels": list(range(n)), "names": None, "regions": {}}
     return body
+
+
+def kept_postprocessing(model_dir: str, labels: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """model_dir/postprocessing.json's body, for metadata.json's "postprocessing" (segment.py
+    applies its operations), or None without the file; a UserError names the file when it is
+    unreadable or names a region the `labels` convention (metadata.json's) lacks."""
+    from dataset.postprocessing import FILE, read_postprocessing
+    path = os.path.join(model_dir, FILE)
+    if not os.path.exists(path):
+        return None
+    read_postprocessing(path, labels)
+    with open(path) as handle:
+        return json.load(handle)
 
 
 def _write_saved_model(model, path, signature):

@@ -8,6 +8,7 @@ import numpy as np
 
 VIEWS = (("axial", 2), ("coronal", 1), ("sagittal", 0))  # (name, axis held fixed)
 COLOURS = ("tab:red", "tab:green", "tab:blue", "tab:orange", "tab:purple", "tab:cyan")
+REMOVED_COLOUR = "yellow"  # what postprocessing removed (or relabelled), dotted
 
 
 def _pyplot():
@@ -31,29 +32,42 @@ def _slice(volume, axis, index):
     return np.take(volume, index, axis=axis).T
 
 
-def case_png(path: str, image: np.ndarray, prediction: np.ndarray, truth: Optional[np.ndarray] = None,
-             class_names: Optional[Sequence[str]] = None, title: str = "") -> None:
+def image_planes(image: np.ndarray, centre: Sequence[int]) -> list[np.ndarray]:
+    """The axial, coronal and sagittal slices of `image` (D, H, W) through `centre`, turned for
+    display: what case_png draws of the image, kept where the volume is not."""
+    return [_slice(image, axis, centre[axis]) for _, axis in VIEWS]
+
+
+def case_png(path: str, image: np.ndarray | Sequence[np.ndarray], prediction: np.ndarray,
+             truth: Optional[np.ndarray] = None, class_names: Optional[Sequence[str]] = None,
+             title: str = "", removed: Optional[np.ndarray] = None,
+             centre: Optional[Sequence[int]] = None) -> None:
     """Write `path`: the axial, coronal and sagittal slices of `image` (D, H, W) through the
     tumour's centre, with the outline of each class of `truth` (solid) and `prediction`
-    (dashed); the centre comes from the truth, or the prediction when there is no truth."""
+    (dashed), and of `removed` (the voxels postprocessing changed) dotted in REMOVED_COLOUR.
+    The centre comes from the truth, else the prediction, else `removed`, unless given; `image`
+    may be its `image_planes` through that centre instead."""
     from matplotlib.lines import Line2D
     plt = _pyplot()
     classes = sorted(set(np.unique(prediction).tolist())
                      | (set(np.unique(truth).tolist()) if truth is not None else set()))
     classes = [c for c in classes if c != 0]
-    centre = tumour_centre(truth, prediction) if truth is not None else tumour_centre(prediction)
+    if centre is None:
+        centre = tumour_centre(*(m for m in (truth, prediction, removed) if m is not None))
+    planes = image_planes(image, centre) if isinstance(image, np.ndarray) else list(image)
     figure, axes = plt.subplots(1, len(VIEWS), figsize=(4 * len(VIEWS), 4.4))
-    for ax, (view, axis) in zip(axes, VIEWS):
-        ax.imshow(_slice(image, axis, centre[axis]), cmap="gray", origin="lower")
-        for c in classes:
-            colour = COLOURS[(c - 1) % len(COLOURS)]
-            for mask, style in ((truth, "solid"), (prediction, "dashed")):
-                if mask is None:
-                    continue
-                plane = (_slice(mask, axis, centre[axis]) == c).astype(float)
-                if plane.any():
-                    ax.contour(plane, levels=[0.5], colors=[colour], linestyles=style,
-                               linewidths=1.2)
+    for ax, plane_image, (view, axis) in zip(axes, planes, VIEWS):
+        ax.imshow(plane_image, cmap="gray", origin="lower")
+        outlines = [((truth == c) if truth is not None else None, COLOURS[(c - 1) % len(COLOURS)],
+                     "solid") for c in classes]
+        outlines += [(prediction == c, COLOURS[(c - 1) % len(COLOURS)], "dashed") for c in classes]
+        outlines.append((removed, REMOVED_COLOUR, "dotted"))
+        for mask, colour, style in outlines:
+            if mask is None:
+                continue
+            plane = _slice(mask, axis, centre[axis]).astype(float)
+            if plane.any():
+                ax.contour(plane, levels=[0.5], colors=[colour], linestyles=style, linewidths=1.2)
         ax.set_title(f"{view} {'xyz'[axis]}={centre[axis]}", fontsize=9)
         ax.axis("off")
     names = class_names or [f"class {c}" for c in range(max(classes, default=0) + 1)]
@@ -62,6 +76,9 @@ def case_png(path: str, image: np.ndarray, prediction: np.ndarray, truth: Option
     handles.append(Line2D([], [], color="black", label="prediction", linestyle="dashed"))
     if truth is not None:
         handles.append(Line2D([], [], color="black", label="ground truth"))
+    if removed is not None and removed.any():
+        handles.append(Line2D([], [], color=REMOVED_COLOUR, label="changed by postprocessing",
+                              linestyle="dotted"))
     figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8,
                   frameon=False)
     figure.suptitle(title, fontsize=10)

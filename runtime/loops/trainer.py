@@ -18,8 +18,11 @@ from runtime.loops.stopping import AGREE_EVERY, StopRequest, Stopped
 if TYPE_CHECKING:  # for the annotations alone: inference.py imports Keras
     from runtime.loops.inference import Inference
 
-# case_fn(i, image, one-hot truth or None, mask) of evaluate and predict.
-CaseFn = Callable[[int, np.ndarray, Optional[np.ndarray], np.ndarray], None]
+# case_fn(i, image, one-hot truth or None, mask, the mask before postprocessing or None) of
+# evaluate and predict.
+CaseFn = Callable[[int, np.ndarray, Optional[np.ndarray], np.ndarray, Optional[np.ndarray]], None]
+# postprocess(mask) -> mask, of the network's classes (runtime/loops/postprocessing_choice.py).
+PostprocessFn = Callable[[np.ndarray], np.ndarray]
 
 
 class Trainer:
@@ -76,12 +79,14 @@ class Trainer:
         return loss_value, step, signum
 
     def evaluate(self, dataset: Iterable, step: int, inference: Optional[Inference] = None,
-                 total: Optional[int] = None, case_fn: Optional[CaseFn] = None) -> dict[str, float]:
+                 total: Optional[int] = None, case_fn: Optional[CaseFn] = None,
+                 postprocess: Optional[PostprocessFn] = None) -> dict[str, float]:
         """Mean of each per-volume score over every volume of `dataset` (`total` batches, if known).
 
         With an `Inference` the scores are of its probabilities (sliding windows, mirroring, an
-        ensemble); otherwise of the engine's plain step. `case_fn(i, image, one-hot truth, mask)`,
-        which needs an `Inference`, is called for every volume i with its argmax mask (NumPy)."""
+        ensemble); otherwise of the engine's plain step. `case_fn(i, image, one-hot truth, mask,
+        raw)`, which needs an `Inference`, is called for every volume i with its argmax mask
+        (NumPy), after `postprocess` when given (raw: the mask before it, else None)."""
         self.hooks.begin("eval", total, 0)
         scores, count, index = {}, 0, 0
         batches = dataset if inference is None else self.engine.prefetch(dataset)
@@ -96,7 +101,7 @@ class Trainer:
                         batch_scores, masks = inference.scores(x, y, self._windows_done("eval"), True)
                         x, y = np.asarray(x), np.asarray(y)
                         for i, mask in enumerate(masks):
-                            case_fn(index + i, x[i], y[i], mask)
+                            case_fn(index + i, x[i], y[i], *_finished(mask, postprocess))
                     index += int(x.shape[0])
                     for key, values in batch_scores.items():
                         scores.setdefault(key, []).append(values)
@@ -113,13 +118,15 @@ class Trainer:
                 names: Optional[Sequence[str]] = None,
                 mask_fn: Optional[Callable[[int, np.ndarray], Any]] = None,
                 inference: Optional[Inference] = None, save_probabilities: bool = False,
-                total: Optional[int] = None, case_fn: Optional[CaseFn] = None) -> int:
+                total: Optional[int] = None, case_fn: Optional[CaseFn] = None,
+                postprocess: Optional[PostprocessFn] = None) -> int:
         """Argmax masks of every volume; mask i is saved as out_dir/<names[i]>.npy unless out_dir is None.
 
         `mask_fn(i, mask)` is called for every mask as well (extra formats), and
-        `case_fn(i, image, None, mask)` with the volume's image (pictures). With an `Inference`
-        the masks are of its probabilities, which `save_probabilities` also writes (float16) as
-        out_dir/<names[i]>.npz. `total` is the number of batches, if known. Returns the count.
+        `case_fn(i, image, None, mask, raw)` with the volume's image (pictures). With an
+        `Inference` the masks are of its probabilities, which `save_probabilities` also writes
+        (float16) as out_dir/<names[i]>.npz. Every mask is `postprocess`ed first when given (raw:
+        the mask before, else None). `total` is the number of batches, if known. Returns the count.
         """
         self.hooks.begin("predict", total, 0)
         index = 0
@@ -133,6 +140,7 @@ class Trainer:
                     else:
                         masks, probabilities = inference.masks(x, self._windows_done("predict"), keep)
                     for i, mask in enumerate(masks):
+                        mask, raw = _finished(mask, postprocess)
                         if out_dir is not None:
                             save_array(os.path.join(out_dir, f"{names[index]}.npy"), mask)
                         if probabilities is not None:
@@ -140,7 +148,7 @@ class Trainer:
                         if mask_fn is not None:
                             mask_fn(index, mask)
                         if case_fn is not None:
-                            case_fn(index, np.asarray(x[i]), None, mask)
+                            case_fn(index, np.asarray(x[i]), None, mask, raw)
                         index += 1
                     self.hooks.after_step("predict", step, int(masks.shape[0]), None)
                     if stop.signum:
@@ -152,6 +160,14 @@ class Trainer:
 
     def _windows_done(self, mode):
         return lambda done, total: self.hooks.progress(mode, f"windows {done}/{total}")
+
+
+def _finished(mask, postprocess):
+    """(the mask after `postprocess`, the mask before it), or (mask, None) without one."""
+    if postprocess is None:
+        return mask, None
+    mask = np.asarray(mask)
+    return postprocess(mask), mask
 
 
 def save_array(path: str, array: np.ndarray) -> None:
