@@ -8,7 +8,7 @@ import numpy as np
 
 VIEWS = (("axial", 2), ("coronal", 1), ("sagittal", 0))  # (name, axis held fixed)
 COLOURS = ("tab:red", "tab:green", "tab:blue", "tab:orange", "tab:purple", "tab:cyan")
-REMOVED_COLOUR = "yellow"  # what postprocessing removed (or relabelled), dotted
+REMOVED_COLOUR = "magenta"  # what postprocessing removed (or relabelled), dotted
 
 
 def _pyplot():
@@ -67,7 +67,8 @@ def case_png(path: str, image: np.ndarray | Sequence[np.ndarray], prediction: np
                 continue
             plane = _slice(mask, axis, centre[axis]).astype(float)
             if plane.any():
-                ax.contour(plane, levels=[0.5], colors=[colour], linestyles=style, linewidths=1.2)
+                ax.contour(plane, levels=[0.5], colors=[colour], linestyles=style,
+                           linewidths=1.6 if colour == REMOVED_COLOUR else 1.2)
         ax.set_title(f"{view} {'xyz'[axis]}={centre[axis]}", fontsize=9)
         ax.axis("off")
     names = class_names or [f"class {c}" for c in range(max(classes, default=0) + 1)]
