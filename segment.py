@@ -27,6 +27,7 @@ import numpy as np
 
 from common.checksums import sha256
 from common.errors import UserError
+from common.output_files import replacing
 
 METADATA = "metadata.json"
 MIRRORS = tuple(axes for r in range(4) for axes in itertools.combinations((1, 2, 3), r))
@@ -218,16 +219,22 @@ def segment(model_dir, case, output, tta=False, postprocessing=True):
         raise UserError(f"{output}: already exists; choose another --output (nothing is overwritten)")
     run = onnx_runner(os.path.join(model_dir, metadata["onnx"]["file"]))
     folder = os.path.dirname(os.path.abspath(output))
-    os.makedirs(folder, exist_ok=True)
-    if metadata["network"]["model"] == "unet3d":
-        if operations:
-            from dataset.postprocessing import operations_text
-            print(f"postprocessing of {os.path.join(model_dir, METADATA)}: "
-                  f"{operations_text(operations)}; "
-                  "--no_postprocessing leaves it out", flush=True)
-        segment_unet3d(metadata, run, case, output, tta, operations)
-    else:
-        segment_vnet(metadata, run, case, output, tta)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{output}: its folder cannot be made ({err.strerror}); choose another "
+                        "--output") from None
+    if metadata["network"]["model"] == "unet3d" and operations:
+        from dataset.postprocessing import operations_text
+        print(f"postprocessing of {os.path.join(model_dir, METADATA)}: "
+              f"{operations_text(operations)}; --no_postprocessing leaves it out", flush=True)
+    # Written under a temporary name and renamed when complete: a failed or interrupted run
+    # leaves no partial mask under --output.
+    with replacing(output, keep_extension=True) as partial:
+        if metadata["network"]["model"] == "unet3d":
+            segment_unet3d(metadata, run, case, partial, tta, operations)
+        else:
+            segment_vnet(metadata, run, case, partial, tta)
 
 
 def main(argv=None):
