@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from runtime.engines import mosaic_conv
+from runtime.engines import mosaic_conv, mosaic_wgrad
 from runtime.engines.kernels import conv_implementation
 from tests.conftest import ROOT
 
@@ -71,25 +71,41 @@ def test_channels_padded_to_16_give_the_same_convolution(c_in, c_out):
 
 
 def test_kernel_gradients_in_the_step_match_xla(case):
-    """The custom gradient the layers get: kernel forward and data gradient, XLA's weight gradient."""
+    """The custom gradient the layers get: every pass on the kernels (forward, data gradient, and
+    runtime/engines/mosaic_wgrad.py's weight gradient; tests/test_mosaic_wgrad.py checks that one alone)."""
     x, kernel, grad, y, dx, dw = case
     conv = mosaic_conv.kernel_convolution(functools.partial(mosaic_conv.forward, rows=4, interpret=INTERPRET),
-                                          functools.partial(mosaic_conv.data_grad, rows=4, interpret=INTERPRET))
+                                          functools.partial(mosaic_conv.data_grad, rows=4, interpret=INTERPRET),
+                                          functools.partial(mosaic_wgrad.weight_grad, rows=2, interpret=INTERPRET))
     value, vjp = jax.vjp(conv, x, kernel)
     x_grad, kernel_grad = vjp(grad)
     assert _relative(value, y) < 2 ** -7
     assert x_grad.dtype == jnp.bfloat16 and _relative(x_grad, dx) < 2 ** -7
-    assert _relative(kernel_grad, dw) < 2 ** -6  # bf16 products of the weight gradient
+    assert kernel_grad.dtype == jnp.bfloat16
+    assert _relative(kernel_grad, dw) < 2 ** -7  # float32 sums of bf16 products, rounded to bf16
+
+
+@pytest.mark.parametrize("c_in, c_out", [(32, 32), (32, 4)])
+def test_a_row_of_160_voxels_runs_on_64_row_products(c_in, c_out):
+    """The 224×224×160 evaluation window: W = 160 is not a multiple of wgmma's 64 rows, so the
+    products run on 192 rows and the epilogue drops the rest; 32 → 32 keeps a ring of three input
+    rows and one epilogue block to fit shared memory, 32 → 4 a ring of four and one block."""
+    x, kernel, grad, y, dx, _ = _case(c_in, c_out, shape=(1, 1, 2, 160))
+    value = mosaic_conv.forward(x, kernel, rows=2, interpret=INTERPRET)
+    assert value.shape == y.shape and _relative(value, y) < 2 ** -7
+    assert _relative(mosaic_conv.data_grad(grad, kernel, rows=2, interpret=INTERPRET), dx) < 2 ** -7
 
 
 def test_shapes_the_kernel_does_not_take_are_refused(case):
     x, kernel, _, _, _, _ = case
-    with pytest.raises(ValueError, match="W, the last spatial size, to be a multiple of 64; got 32"):
-        mosaic_conv.forward(x[..., :32, :], kernel, interpret=INTERPRET)
+    with pytest.raises(ValueError, match="W, the last spatial size, to be a multiple of 32 up to 256; got 48"):
+        mosaic_conv.forward(x[..., :48, :], kernel, interpret=INTERPRET)
     assert mosaic_conv.takes((2, 128, 128, 128, 32), 32)
     assert mosaic_conv.takes((2, 128, 128, 128, 32), 4)
+    assert mosaic_conv.takes((1, 224, 224, 160, 32), 32)
     assert not mosaic_conv.takes((2, 128, 128, 128, 64), 32)
-    assert not mosaic_conv.takes((2, 64, 64, 32, 32), 32)
+    assert not mosaic_conv.takes((2, 64, 64, 48, 32), 32)
+    assert not mosaic_conv.takes((1, 224, 224, 224, 32), 32)  # its rows do not fit shared memory
     assert not mosaic_conv.takes((2, None, None, None, 32), 32)
 
 
