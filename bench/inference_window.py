@@ -1,6 +1,6 @@
 """Inference of the BraTS evaluation window on a GPU: UNet3D forward and argmax, batch 1.
 
-usage: KERAS_BACKEND=jax python bench/inference_window.py [--root DIR] [--dtype bf16] [--steps 30]
+usage: KERAS_BACKEND=jax python bench/inference_window.py [--root DIR] [--dtype bf16] [--steps 30] [--conv_kernel auto]
 Builds the tool's UNet3D as its task does (the tree at --root, default this one), compiles its
 inference (forward pass, argmax to int8) for a 224×224×160×4 window already on the device, and
 prints one JSON line: the median ms of `--steps` calls, each waited for, and volumes/s.
@@ -20,6 +20,8 @@ def main():
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--window", type=int, nargs=3, default=(224, 224, 160))
+    parser.add_argument("--conv_kernel", choices=("auto", "keras"), default=None,
+                        help="the tool's --conv_kernel (default: the tree's own default)")
     args = parser.parse_args()
     os.environ["KERAS_BACKEND"] = "jax"
     sys.path.insert(0, os.path.abspath(args.root))
@@ -35,7 +37,8 @@ def main():
     folder = tempfile.mkdtemp(prefix="inference-window-")
     settings = Settings(run=RunSettings(model_dirs=(folder,), log_dir=folder),
                         data=DataSettings(synth_data=True, seed=0),
-                        precision=PrecisionSettings(backend="jax", dtype=args.dtype))
+                        precision=PrecisionSettings(backend="jax", dtype=args.dtype,
+                                                    **({"conv_kernel": args.conv_kernel} if args.conv_kernel else {})))
     model = make_task("unet3d", settings.network, settings.data, resolve_machine(settings)).model()
     trainable = [v.value for v in model.trainable_variables]
     non_trainable = [v.value for v in model.non_trainable_variables]
@@ -55,6 +58,7 @@ def main():
         times.append(1000 * (time.perf_counter() - start))
     ms = float(np.median(times))
     print(json.dumps({"root": args.root, "dtype": args.dtype, "window": list(args.window),
+                      "conv_kernel": args.conv_kernel,
                       "ms_median": ms, "vol_s": 1000 / ms}))
 
 

@@ -7,7 +7,9 @@ Times the jitted training step (batch 2, Adam, dice+ce, a compact uint8 batch fi
 step) with the batch already on the device and with a host batch copied each step, then traces a
 few steps and prints the GPU kernels that take the most time per step. The step uses XLA's
 convolutions; --conv_kernels also times it, in the same process, with each kernel named
-(`mosaic` is runtime/engines/mosaic_conv.py, what the tool runs on a Hopper GPU), traces the last one named,
+(`mosaic`: runtime/engines/mosaic_conv.py's forward pass and input gradient, XLA's kernel gradient;
+`wgrad`: the same and runtime/engines/mosaic_wgrad.py's kernel gradient, what the tool runs on a
+Hopper GPU), traces the last one named,
 and --loss_check checks each. XLA gets the tool's flags (runtime/setup/xla_flags.py); set
 XLA_FLAGS=--xla_gpu_force_conv_nhwc=false to see XLA's own layout choice instead.
 """
@@ -37,7 +39,9 @@ from model.unet3d import build_unet3d  # noqa: E402
 from runtime.engines.jax_engine import JaxEngine  # noqa: E402
 from runtime.tasks.unet3d import GPU_CHANNEL_MULTIPLE  # noqa: E402
 
-CONV_KERNELS = {"xla": None, "mosaic": mosaic_conv.layer_implementation}
+CONV_KERNELS = {"xla": None, "mosaic": mosaic_conv.layer_implementation,
+                "wgrad": mosaic_conv.routed_implementation_of(mosaic_conv.CONVOLUTIONS, mosaic_conv.takes,
+                                                              mosaic_conv.weight_grad_takes)}
 
 
 def time_steps(engine, x, y, steps, warmup):
@@ -114,6 +118,7 @@ def main():
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--size", type=int, default=128, help="crop edge (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--image_channel_multiple", type=int, default=GPU_CHANNEL_MULTIPLE,
                         help="pad the image convolution's channels to this multiple, as the tool "
                         "does on a GPU (0: none; default: %(default)s)")
@@ -125,7 +130,7 @@ def main():
                         help="also time the step with these kernels taking the convolutions they can")
     args = parser.parse_args()
     keras.mixed_precision.set_dtype_policy("mixed_bfloat16" if args.dtype == "bf16" else "float32")
-    shape = (2,) + (args.size,) * 3
+    shape = (args.batch,) + (args.size,) * 3
     x_host, y_host = compact_batch(np.random.default_rng(0), shape)
     engine = make_engine(args.image_channel_multiple)
     x_dev, y_dev = jax.device_put(x_host), jax.device_put(y_host)
