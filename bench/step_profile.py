@@ -39,7 +39,9 @@ from model.unet3d import build_unet3d  # noqa: E402
 from runtime.engines.jax_engine import JaxEngine  # noqa: E402
 from runtime.tasks.unet3d import GPU_CHANNEL_MULTIPLE  # noqa: E402
 
-CONV_KERNELS = {"xla": None, "mosaic": mosaic_conv.layer_implementation,
+CONV_KERNELS = {"xla": None,
+                "mosaic": mosaic_conv.routed_implementation_of({(True, False): mosaic_conv.convolution},
+                                                               mosaic_conv.takes, lambda shape, c_out: False),
                 "wgrad": mosaic_conv.routed_implementation_of(mosaic_conv.CONVOLUTIONS, mosaic_conv.takes,
                                                               mosaic_conv.weight_grad_takes)}
 

@@ -123,11 +123,6 @@ def test_no_folder_holds_more_than_a_quarter_of_the_source():
     assert {f: n for f, n in lines.items() if n > total / 4} == {}, lines
 
 
-# Files still being rewritten by other work in progress, so not annotated here: the check skips them
-# until that work lands (this set then empties).
-NOT_YET_ANNOTATED = {"runtime/engines/kernels.py", "runtime/engines/mosaic_conv.py"}
-
-
 def unannotated(path):
     """'path:line name: what is missing' for every public function or method of `path` (not one
     nested in a function) without a docstring, or without annotations on every parameter (the
@@ -162,8 +157,7 @@ def test_public_functions_of_the_run_carry_hints_and_docstrings():
     and returns. (The Engine protocol's methods, a docstring for a body, pass as they are.)"""
     paths = [path for folder in ("runtime", "runtime/loops", "runtime/engines")
              for path in sorted(glob.glob(os.path.join(ROOT, folder, "*.py")))]
-    wrong = [line for path in paths if os.path.relpath(path, ROOT) not in NOT_YET_ANNOTATED
-             for line in unannotated(path)]
+    wrong = [line for path in paths for line in unannotated(path)]
     assert len(paths) > 20 and not wrong, wrong
 
 

@@ -186,8 +186,9 @@ def forward(x, kernel):
     shares.append(x.shape[0])
     return mosaic_conv.forward(x, kernel, **options)
 conv = mosaic_conv.kernel_convolution(forward, functools.partial(mosaic_conv.data_grad, **options))
-implementation = mosaic_conv.layer_implementation_of(mosaic_conv.sharded(conv, devices),
-                                                     mosaic_conv.takes_batch_of(len(devices)))
+implementation = mosaic_conv.routed_implementation_of(
+    {(True, False): mosaic_conv.sharded(conv, devices)},
+    mosaic_conv.with_batch_of(mosaic_conv.takes, len(devices)), lambda shape, c_out: False)
 rng = np.random.default_rng(0)
 shape = (2, 2, 2, 64)
 x = jnp.asarray(rng.standard_normal(shape + (32,)), jnp.bfloat16)

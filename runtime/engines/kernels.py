@@ -1,7 +1,10 @@
 """Which implementation computes a layer besides Keras's own, per backend and device."""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
 
 
-def conv_implementation(machine):
+def conv_implementation(machine: Any) -> Optional[Callable]:
     """What computes UNet3D's 3×3×3 convolutions besides Keras: with --conv_kernel auto, bf16 and
     the JAX backend on Hopper GPUs in one process, runtime/engines/mosaic_conv.py's kernels (with a one-line notice;
     runtime/engines/mosaic_wgrad.py computes the kernel gradients it routes there);

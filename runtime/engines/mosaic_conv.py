@@ -22,8 +22,11 @@ the kernel flipped and its channel axes swapped. tests/test_mosaic_conv.py check
 Pallas' GPU interpreter on the CPU; bench/pallas_conv.py times it against cuDNN and
 bench/step_profile.py in the training step.
 """
+from __future__ import annotations
+
 import functools
 import math
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -157,7 +160,8 @@ def _layout(width, k_in, k_out, itemsize):
     raise ValueError(f"the forward kernel does not fit shared memory at W = {width}, {k_in} -> {k_out} channels")
 
 
-def forward(x, kernel, *, rows=128, interpret=None):
+def forward(x: jax.Array, kernel: jax.Array, *, rows: int = 128,
+            interpret: Optional[object] = None) -> jax.Array:
     """conv3d(x, kernel), stride 1, 'same' padding: x (N, D, H, W, c_in), kernel (3, 3, 3, c_in, c_out).
 
     bf16 products with float32 sums; the result has the dtype of `x`. W must be a multiple of 32 (up
@@ -203,13 +207,13 @@ def forward(x, kernel, *, rows=128, interpret=None):
     return y if k_out == c_out else y[..., :c_out]
 
 
-def data_grad(grad, kernel, **options):
+def data_grad(grad: jax.Array, kernel: jax.Array, **options: object) -> jax.Array:
     """The gradient of `forward`'s input: `forward` of the output gradient with the kernel flipped in
     space and its channel axes swapped."""
     return forward(grad, jnp.flip(kernel, (0, 1, 2)).swapaxes(3, 4), **options)
 
 
-def takes(shape, c_out):
+def takes(shape: tuple, c_out: int) -> bool:
     """Whether the kernel computes a convolution of an input of `shape` (N, D, H, W, c_in) to `c_out`
     channels: up to 32 channels in and out (more do not fit its shared memory), W a multiple of 32 up
     to 256."""
@@ -225,7 +229,8 @@ def takes(shape, c_out):
     return True
 
 
-def kernel_convolution(kernel_forward, kernel_data_grad, kernel_weight_grad=None):
+def kernel_convolution(kernel_forward: Optional[Callable], kernel_data_grad: Optional[Callable],
+                       kernel_weight_grad: Optional[Callable] = None) -> Callable:
     """conv3d(x, kernel) as a differentiable function whose forward pass is `kernel_forward(x, kernel)`,
     whose input gradient is `kernel_data_grad(grad, kernel)` and whose kernel gradient is
     `kernel_weight_grad(x, grad)` (runtime/engines/mosaic_wgrad.py); each one None is XLA's."""
@@ -250,7 +255,7 @@ def kernel_convolution(kernel_forward, kernel_data_grad, kernel_weight_grad=None
     return conv
 
 
-def xla_convolution(x, kernel):
+def xla_convolution(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """The same convolution through XLA (cuDNN on a GPU), in the dtype of `x`."""
     return lax.conv_general_dilated(x, kernel.astype(x.dtype), (1, 1, 1), "SAME",
                                     dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
@@ -259,7 +264,7 @@ def xla_convolution(x, kernel):
 convolution = kernel_convolution(forward, data_grad)
 
 
-def sharded(conv, devices):
+def sharded(conv: Callable, devices: Sequence) -> Callable:
     """`conv(x, kernel)` computed by each of `devices` on its share of the batch: a shard_map over a
     one-axis mesh 'batch' of `devices` (the layout of the engine's data-parallel batches), the
     kernel replicated. The kernel gradients of the shares are summed over the devices, as XLA sums
@@ -270,37 +275,13 @@ def sharded(conv, devices):
                          check_vma=False)
 
 
-def takes_batch_of(count):
-    """`takes`, for a batch split over `count` devices: also the batch a multiple of `count`."""
-
-    def accepts(shape, c_out):
-        return shape[0] is not None and shape[0] % count == 0 and takes(shape, c_out)
-
-    return accepts
-
-
-def layer_implementation_of(conv, accepts):
-    """What model/layers.py's KernelConv3D calls: `conv` for a bf16 3×3×3 call whose input shape and
-    output channels `accepts(shape, c_out)`, None (Keras's convolution) for any other."""
-
-    def implementation(inputs, kernel):
-        if (tuple(kernel.shape[:3]) != (3, 3, 3) or inputs.dtype != jnp.bfloat16
-                or not accepts(tuple(inputs.shape), kernel.shape[-1])):
-            return None
-        return conv(inputs, jnp.asarray(kernel).astype(inputs.dtype))
-
-    return implementation
-
-
-layer_implementation = layer_implementation_of(convolution, takes)
-
 # The (c_in, c_out) whose kernel gradient runs on runtime/engines/mosaic_wgrad.py: the 3×3×3 convolutions of
 # UNet3D's 128³ level where it beat cuDNN on an H200 (bench/wgrad_bench.py; docs/performance.md,
 # "Hopper kernels"). The padded image convolution (8 → 32) stays on cuDNN: 1.33 ms against 0.97.
 WEIGHT_GRAD_CHANNELS = frozenset({(32, 32), (64, 32), (32, 4)})
 
 
-def weight_grad_takes(shape, c_out, channels=WEIGHT_GRAD_CHANNELS):
+def weight_grad_takes(shape: tuple, c_out: int, channels: frozenset = WEIGHT_GRAD_CHANNELS) -> bool:
     """Whether the kernel gradient of a convolution of an input of `shape` to `c_out` channels runs on
     runtime/engines/mosaic_wgrad.py: its channels among `channels` and a shape the kernel takes."""
     return (shape[-1], c_out) in channels and mosaic_wgrad.takes(shape, c_out)
@@ -312,7 +293,7 @@ CONVOLUTIONS = {(True, False): convolution,
                 (False, True): kernel_convolution(None, None, mosaic_wgrad.weight_grad)}
 
 
-def routed_implementation_of(convs, accepts, accepts_weight_grad):
+def routed_implementation_of(convs: dict, accepts: Callable, accepts_weight_grad: Callable) -> Callable:
     """What model/layers.py's KernelConv3D calls: for a bf16 3×3×3 call, `convs[(forward, weight
     gradient)]` by which passes the kernels take (`accepts(shape, c_out)` for the forward pass and the
     input gradient, `accepts_weight_grad` for the kernel gradient); None (Keras's convolution) where
@@ -332,12 +313,12 @@ def routed_implementation_of(convs, accepts, accepts_weight_grad):
     return implementation
 
 
-def with_batch_of(accepts, count):
+def with_batch_of(accepts: Callable, count: int) -> Callable:
     """`accepts`, for a batch split over `count` devices: also the batch a multiple of `count`."""
     return lambda shape, c_out: shape[0] is not None and shape[0] % count == 0 and accepts(shape, c_out)
 
 
-def hopper_convolution():
+def hopper_convolution() -> Optional[Callable]:
     """The layers' implementation where the kernels run, else None: JAX computing in one process on
     Hopper GPUs (compute capability 9.x), each call routed to `CONVOLUTIONS` by the passes the
     kernels take (`routed_implementation_of`). With several GPUs, the kernels `sharded` over them, for
