@@ -19,7 +19,8 @@ from model.losses import dice_ce_loss, eval_dice_per_sample
 from model.unet3d import build_unet3d
 from runtime.arguments import parse_args
 from runtime.setup.hpu import HPU_DEVICE, setup_hpu
-from runtime.setup.precision import Device, choose_dtype, cpu_flags
+from runtime.setup import precision
+from runtime.setup.precision import FP16_CPU_SLOWDOWN, Device, choose_dtype, cpu_flags
 from runtime.tasks.base import make_task
 from tests.conftest import assert_one_line_error, main_here, tiny_vnet_flags
 
@@ -70,15 +71,29 @@ def records(unet3d_records):
     return unet3d_records
 
 
-def test_amp_trains_on_cpu(msd_phantom, tmp_path):
+# The flags of a Sapphire Rapids Xeon: AVX512_FP16 and AMX-BF16, no AMX-FP16.
+SAPPHIRE_RAPIDS_FLAGS = ("fpu sse4_2 avx avx2 fma avx512f avx512bw avx512_bf16 avx512_fp16 amx_bf16 "
+                         "amx_tile")
+
+
+def test_amp_trains_on_cpu(msd_phantom, tmp_path, monkeypatch, capsys):
     # On the tool's smallest network (the loss scaling and the float16 policy are the same for
-    # either): 6 training cases in batches of 2, 3 steps.
+    # either): 6 training cases in batches of 2, 3 steps. The CPU's flag listing is a Sapphire
+    # Rapids', whatever this machine's is: the run warns that float16 trains slowly there.
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {SAPPHIRE_RAPIDS_FLAGS}\n")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: cpu_flags(str(cpuinfo)))
     try:
-        assert main(tiny_vnet_flags(msd_phantom, tmp_path, "--exec_mode", "train", "--use_amp",
-                                    "--train_split", "0.6", "--batch_size", "2", "--optimizer", "adam",
-                                    "--base_lr", "0.001", "--disable_ckpt_saving")) == 0
+        result = main_here(capsys, *tiny_vnet_flags(
+            msd_phantom, tmp_path, "--exec_mode", "train", "--use_amp", "--train_split", "0.6",
+            "--batch_size", "2", "--optimizer", "adam", "--base_lr", "0.001",
+            "--disable_ckpt_saving"))
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "warning: --use_amp: this CPU has AVX512_FP16 but no AMX-FP16")
     with open(tmp_path / "logs" / "log.json") as handle:
         log = [json.loads(line) for line in handle]
     losses = [e["data"]["loss"] for e in log if e["type"] == "train"]
@@ -227,8 +242,24 @@ def test_explicit_bf16_or_amp_without_native_support_runs_after_one_warning(caps
     assert choose(["--dtype", "bf16"], AVX512_BF16, capsys) == ("bf16", [], [])
     assert choose(["--dtype", "fp32"], AVX2, capsys) == ("fp32", [], [])
     _, _, err = choose(["--use_amp"], AVX2, capsys)
-    assert len(err) == 1 and err[0].startswith("warning: --use_amp: this CPU has no native fp16")
+    assert len(err) == 1
+    assert err[0].startswith("warning: --use_amp: this CPU has no AVX512_FP16 or AMX-FP16")
+    assert f"took {FP16_CPU_SLOWDOWN['other']} an fp32 one" in err[0]
     assert choose(["--use_amp"], Device("gpu", capability=(7, 0)), capsys)[2] == []
+
+
+def test_amp_on_a_cpu_with_avx512_fp16_warns_with_the_measured_slowdown(capsys):
+    # AVX512_FP16 without AMX-FP16: TensorFlow's float16 weight gradients run oneDNN's reference
+    # kernel. bf16 stays native there, and AMX-FP16 has kernels for all three passes.
+    sapphire_rapids = Device("cpu", SAPPHIRE_RAPIDS_FLAGS.split())
+    dtype, out, err = choose(["--use_amp"], sapphire_rapids, capsys)
+    assert dtype == "fp16" and out == [] and len(err) == 1
+    assert err[0].startswith("warning: --use_amp: this CPU has AVX512_FP16 but no AMX-FP16")
+    assert f"took {FP16_CPU_SLOWDOWN['avx512_fp16']} an fp32 one" in err[0]
+    assert err[0].endswith("; leave out --use_amp")
+    assert choose([], sapphire_rapids, capsys)[0] == "bf16"
+    granite_rapids = Device("cpu", SAPPHIRE_RAPIDS_FLAGS.split() + ["amx_fp16"])
+    assert choose(["--use_amp"], granite_rapids, capsys) == ("fp16", [], [])
 
 
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path):

@@ -2,13 +2,35 @@
 
 bf16 is native on Habana cards, on NVIDIA GPUs of compute capability 8.0 or higher and on CPUs
 with AVX512_BF16 or AMX (x86) or the BF16 extension (Arm). Elsewhere it is emulated: on an
-AVX2-only CPU a bf16 UNet3D step takes many times longer than an fp32 one. The same holds for
-float16 (`--use_amp`) on CPUs without AVX512_FP16 or AMX-FP16.
+AVX2-only CPU a bf16 UNet3D step takes many times longer than an fp32 one.
+
+float16 (`--use_amp`, TensorFlow only) trains at speed on NVIDIA GPUs, and on a CPU only with
+AMX-FP16, where oneDNN has kernels for all three passes of a convolution (not measured). With
+AVX512_FP16 alone TensorFlow computes a float16 convolution's weight gradient in oneDNN's reference
+kernel, and without it float16 convolutions in generic kernels (Eigen's): a training step takes
+many times an fp32 one, and a one-line warning says so (docs/performance.md, "fp16 and bf16 on a
+CPU", has the measurements).
 """
 import sys
 
 CPU_FLAGS = {"bf16": ({"avx512_bf16", "amx_bf16", "bf16"}, "AVX512_BF16, AMX or Arm's BF16"),
-             "fp16": ({"avx512_fp16", "amx_fp16"}, "AVX512_FP16 or AMX-FP16")}
+             "fp16": ({"amx_fp16"}, "AMX-FP16")}
+# A float16 training step against an fp32 one on a CPU without AMX-FP16, UNet3D and V-Net on the
+# TensorFlow backend (docs/performance.md, "fp16 and bf16 on a CPU", 2026-12-05): with AVX512_FP16;
+# without it, as on an AVX2-only CPU (float16 with TensorFlow's oneDNN off, fp32 with oneDNN's
+# AVX2 kernels).
+FP16_CPU_SLOWDOWN = {"avx512_fp16": "70–180×", "other": "7–8×"}
+
+
+def _slow_fp16_on_cpu(flags):
+    """Why float16 trains slowly on a CPU of these flags without AMX-FP16 (TensorFlow's kernels)."""
+    if "avx512_fp16" in flags:
+        return ("this CPU has AVX512_FP16 but no AMX-FP16, so TensorFlow computes float16 "
+                "convolution weight gradients in oneDNN's reference kernel: a training step took "
+                f"{FP16_CPU_SLOWDOWN['avx512_fp16']} an fp32 one on such a CPU")
+    return ("this CPU has no AVX512_FP16 or AMX-FP16, so TensorFlow computes float16 convolutions "
+            f"in generic kernels: a training step took {FP16_CPU_SLOWDOWN['other']} an fp32 one "
+            "with them")
 
 
 class Device:
@@ -32,6 +54,8 @@ class Device:
         found = sorted(self.cpu_flags & wanted)
         if found:
             return True, f"this CPU has {found[0].upper()}"
+        if precision == "fp16":
+            return False, _slow_fp16_on_cpu(self.cpu_flags)
         return False, f"this CPU has no native {precision} ({names})"
 
 
@@ -74,10 +98,12 @@ def choose_dtype(precision, device):
     """The dtype of the run ('fp32', 'bf16', or 'fp16' with --use_amp) for `precision` (the
     PrecisionSettings) on `device`: when left to the tool, bf16 where the device runs it natively,
     with a one-line notice of the choice and why (stdout); an explicit bf16 or --use_amp that will
-    be emulated warns once (stderr)."""
+    be emulated, or slow on a CPU, warns once (stderr)."""
     if precision.use_amp:
         native, why = device.native("fp16")
-        if not native:
+        if not native and device.kind == "cpu":
+            print(f"warning: --use_amp: {why}; leave out --use_amp", file=sys.stderr, flush=True)
+        elif not native:
             print(f"warning: --use_amp: {why}: float16 is emulated and much slower than fp32 here; "
                   "leave out --use_amp", file=sys.stderr, flush=True)
         return "fp16"
