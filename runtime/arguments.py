@@ -259,7 +259,7 @@ def _add_precision_flags(parser: argparse.ArgumentParser) -> None:
           help="op lists of Habana's bf16 conversion, used with bf16 on HPU")
     _flag(group, "--use_amp", "--amp", dest="use_amp", action="store_true",
           help="float16 automatic mixed precision with loss scaling, for GPUs; on a CPU without "
-               "AVX512_FP16 or AMX-FP16 it is emulated (a warning says so)")
+               "AMX-FP16 a training step takes many times an fp32 one (a warning says so)")
     xla = group.add_mutually_exclusive_group()
     _flag(xla, "--use_xla", "--xla", dest="use_xla", action="store_true", default=None,
           help="compile the steps with XLA (default: on when a GPU is visible, off otherwise: on "
