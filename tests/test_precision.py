@@ -224,7 +224,7 @@ def choose(argv, device, capsys):
 
 
 def test_default_dtype_is_bf16_only_where_the_device_runs_it_natively(capsys):
-    for device, expected in ((AVX2, "fp32"), (AVX512_BF16, "bf16"), (Device("cpu", {"amx_bf16"}), "bf16"),
+    for device, expected in ((AVX2, "fp32"), (AVX512_BF16, "bf16"), (Device("cpu", {"amx_bf16"}), "fp32"),
                              (Device("gpu", capability=(9, 0)), "bf16"),
                              (Device("gpu", capability=(7, 0)), "fp32"), (Device("hpu"), "bf16")):
         dtype, out, err = choose([], device, capsys)
@@ -233,6 +233,24 @@ def test_default_dtype_is_bf16_only_where_the_device_runs_it_natively(capsys):
     _, (notice,), _ = choose([], AVX2, capsys)
     assert "no native bf16" in notice and "--dtype bf16 forces it" in notice
     assert choose(["--model", "vnet"], AVX512_BF16, capsys) == ("fp32", [], [])  # V-Net: fp32
+
+
+def test_bf16_stays_off_by_default_where_a_native_cpu_does_not_pay(capsys):
+    """AMX under TensorFlow (UNet3D's loss turned NaN) and JAX on any CPU (slower than fp32): fp32
+    by default, and the notice says why; an explicit bf16 on AMX warns, on JAX it just runs."""
+    amx = Device("cpu", {"avx512_bf16", "amx_bf16"})
+    dtype, (notice,), err = choose([], amx, capsys)
+    assert dtype == "fp32" and err == []
+    assert notice.startswith("--dtype fp32 chosen: this CPU has AMX_BF16, but TensorFlow's AMX "
+                             "kernels turned UNet3D's bf16 training loss to NaN")
+    assert notice.endswith("; --dtype bf16 forces it")
+    dtype, out, (warning,) = choose(["--dtype", "bf16"], amx, capsys)
+    assert dtype == "bf16" and out == [] and warning.startswith("warning: --dtype bf16: this CPU has "
+                                                                "AMX_BF16, but TensorFlow's AMX")
+    dtype, (notice,), err = choose(["--backend", "jax"], AVX512_BF16, capsys)
+    assert dtype == "fp32" and err == [] and "JAX's CPU kernels run bf16 slower than fp32" in notice
+    assert choose(["--backend", "jax", "--dtype", "bf16"], amx, capsys) == ("bf16", [], [])
+    assert choose(["--backend", "jax"], Device("gpu", capability=(9, 0)), capsys)[0] == "bf16"
 
 
 def test_explicit_bf16_or_amp_without_native_support_runs_after_one_warning(capsys):
@@ -257,7 +275,7 @@ def test_amp_on_a_cpu_with_avx512_fp16_warns_with_the_measured_slowdown(capsys):
     assert err[0].startswith("warning: --use_amp: this CPU has AVX512_FP16 but no AMX-FP16")
     assert f"took {FP16_CPU_SLOWDOWN['avx512_fp16']} an fp32 one" in err[0]
     assert err[0].endswith("; leave out --use_amp")
-    assert choose([], sapphire_rapids, capsys)[0] == "bf16"
+    assert choose([], sapphire_rapids, capsys)[0] == "fp32"  # AMX: bf16 is not the default
     granite_rapids = Device("cpu", SAPPHIRE_RAPIDS_FLAGS.split() + ["amx_fp16"])
     assert choose(["--use_amp"], granite_rapids, capsys) == ("fp16", [], [])
 
@@ -278,8 +296,9 @@ def test_the_run_says_which_dtype_it_chose(records, tmp_path, capsys):
                            "--model_dir", str(tmp_path / "m"), "--log_dir", str(tmp_path / "l"))
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
-    native = Device("cpu", cpu_flags()).native("bf16")[0]  # the CPU this test runs on
+    # What the tool chooses on the CPU this test runs on (the choice itself is checked above).
+    expected = choose_dtype(parse_args([]).precision, Device("cpu", cpu_flags()))
+    capsys.readouterr()
     chosen = [line for line in result.stdout.splitlines() if "chosen:" in line]
-    assert chosen == [line for line in chosen if line.startswith(f"--dtype {'bf16' if native else 'fp32'} ")]
-    assert len(chosen) == 1
+    assert len(chosen) == 1 and chosen[0].startswith(f"--dtype {expected} chosen: ")
     assert_one_line_error(result, "no checkpoint")  # the notice went to stdout, not stderr

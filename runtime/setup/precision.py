@@ -1,8 +1,10 @@
-"""The compute precision: bf16 where the device runs it natively, fp32 elsewhere.
+"""The compute precision: bf16 where the device runs it natively and it pays, fp32 elsewhere.
 
 bf16 is native on Habana cards, on NVIDIA GPUs of compute capability 8.0 or higher and on CPUs
 with AVX512_BF16 or AMX (x86) or the BF16 extension (Arm). Elsewhere it is emulated: on an
-AVX2-only CPU a bf16 UNet3D step takes many times longer than an fp32 one.
+AVX2-only CPU a bf16 UNet3D step takes many times longer than an fp32 one. Two native CPU cases
+still default to fp32: the JAX backend, whose CPU kernels run bf16 slower than fp32, and
+TensorFlow's AMX kernels, under which UNet3D's bf16 training loss turned NaN.
 
 float16 (`--use_amp`, TensorFlow only) trains at speed on NVIDIA GPUs, and on a CPU only with
 AMX-FP16, where oneDNN has kernels for all three passes of a convolution (not measured). With
@@ -31,6 +33,19 @@ def _slow_fp16_on_cpu(flags):
     return ("this CPU has no AVX512_FP16 or AMX-FP16, so TensorFlow computes float16 convolutions "
             f"in generic kernels: a training step took {FP16_CPU_SLOWDOWN['other']} an fp32 one "
             "with them")
+
+
+def _bf16_not_worth_it(backend, device):
+    """Why bf16, native on this CPU, is still not the default there (None where it is worth it):
+    measured on a Xeon with AMX (docs/performance.md, "fp16 and bf16 on a CPU", 2026-12-05)."""
+    if device.kind != "cpu":
+        return None
+    if backend == "jax":
+        return "JAX's CPU kernels run bf16 slower than fp32 (a UNet3D step took 1.33× an fp32 one)"
+    if "amx_bf16" in device.cpu_flags:
+        return ("TensorFlow's AMX kernels turned UNet3D's bf16 training loss to NaN within 3 steps "
+                "on such a CPU (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 keeps them off)")
+    return None
 
 
 class Device:
@@ -108,7 +123,11 @@ def choose_dtype(precision, device):
                   "leave out --use_amp", file=sys.stderr, flush=True)
         return "fp16"
     native, why = device.native("bf16")
+    trap = _bf16_not_worth_it(precision.backend, device) if native else None
     if precision.dtype is None:
+        if trap:
+            print(f"--dtype fp32 chosen: {why}, but {trap}; --dtype bf16 forces it", flush=True)
+            return "fp32"
         dtype = "bf16" if native else "fp32"
         other = ("--dtype fp32 for full precision" if native
                  else "--dtype bf16 forces it, emulated and much slower")
@@ -117,6 +136,8 @@ def choose_dtype(precision, device):
     if precision.dtype == "bf16" and not native:
         print(f"warning: --dtype bf16: {why}: bf16 is emulated and much slower than --dtype fp32 "
               "here", file=sys.stderr, flush=True)
+    elif precision.dtype == "bf16" and trap and precision.backend == "tensorflow":
+        print(f"warning: --dtype bf16: {why}, but {trap}", file=sys.stderr, flush=True)
     return precision.dtype
 
 
