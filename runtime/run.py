@@ -6,7 +6,7 @@ import contextlib
 import itertools
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
@@ -207,8 +207,10 @@ def _model_and_optimizer(settings, task, data):
     return model, optimizer
 
 
-def build(settings: Settings, machine: Machine, task: Task, data: TaskData) -> Parts:
-    """Model, optimizer (built, so its state can be restored) and engine, on the cluster's devices."""
+def build(settings: Settings, machine: Machine, task: Task, data: TaskData,
+          postprocessing: Optional[Postprocessing] = None) -> Parts:
+    """Model, optimizer (built, so its state can be restored) and engine, on the cluster's devices;
+    `postprocessing` rides along for evaluate and predict."""
     loss_fn, metrics_fn = task.loss_and_metrics(data)
     finish_batch = task.finish_train_batch()
     cluster = machine.cluster
@@ -224,7 +226,7 @@ def build(settings: Settings, machine: Machine, task: Task, data: TaskData) -> P
         model, optimizer = _model_and_optimizer(settings, task, data)
         keras.distribution.set_distribution(distribution)
         engine = JaxEngine(model, optimizer, loss_fn, metrics_fn, distribution, finish_batch)
-        return Parts(settings, machine, task, data, model, optimizer, engine)
+        return Parts(settings, machine, task, data, model, optimizer, engine, postprocessing)
 
     from runtime.engines.tf_engine import TFEngine
     with cluster.strategy.scope():
@@ -235,7 +237,7 @@ def build(settings: Settings, machine: Machine, task: Task, data: TaskData) -> P
     engine = TFEngine(model, optimizer, loss_fn, metrics_fn, use_xla=machine.use_xla,
                       strategy=cluster.strategy, all_reduce=all_reduce, finish_batch=finish_batch,
                       agree_across=agree)
-    return Parts(settings, machine, task, data, model, optimizer, engine)
+    return Parts(settings, machine, task, data, model, optimizer, engine, postprocessing)
 
 
 def make_save_fn(parts: Parts) -> Optional[Callable[[int], None]]:
@@ -277,11 +279,11 @@ def case_report(parts: Parts, evaluating: bool) -> Optional[CaseReport]:
         from runtime.loops.challenge_metrics import ChallengeMetrics
         challenge = ChallengeMetrics(convention)
     if metrics and settings.inference.choose_postprocessing:
-        from runtime.loops.postprocessing_choice import choose_postprocessing
-        criterion = settings.inference.postprocessing_criterion
+        import functools
 
-        def chooser(cases):
-            return choose_postprocessing(cases, convention, criterion)
+        from runtime.loops.postprocessing_choice import choose_postprocessing
+        chooser = functools.partial(choose_postprocessing, convention=convention,
+                                    criterion=settings.inference.postprocessing_criterion)
     return CaseReport(data.eval_records, convention.names, challenge, png_dir, chooser)
 
 
@@ -387,7 +389,7 @@ def run(settings: Settings) -> dict:
             raise UserError(f"argument --choose_postprocessing: fold {settings.network.fold} of "
                             "the data has no validation case to choose on; choose another --fold "
                             "or give --data_dir records with validation cases")
-        parts = replace(build(settings, machine, task, data), postprocessing=postprocessing)
+        parts = build(settings, machine, task, data, postprocessing)
         save_fn = make_save_fn(parts)
         hooks = make_hooks(parts, logger, save_fn)
         trainer = Trainer(parts.engine, hooks, run_settings.log_every, sync_every_step=run_settings.benchmark,

@@ -86,7 +86,7 @@ class CaseReport:
 
     def _choose(self):
         """Choose on the kept cases; their rows and pictures after the choice."""
-        self.choice = self.chooser([kept["case"] for kept in self.kept])
+        self.choice = self.chooser(self.chosen_on)
         self.rows, self.raw_rows = self.choice.rows, self.choice.raw_rows
         if self.png_dir is None:
             return
