@@ -13,7 +13,11 @@ Two operand layouts, by the input's channels:
 - up to 32 (`x_is_a` False): A = g3ᵀ (the three kw blocks of c_out stacked on M, padded to a
   multiple of 64), B = the input row (N = c_in);
 - 64 (`x_is_a` True): A = the input rowᵀ (M = c_in = 64), B = g3 (N = 3·c_out).
-Channels are padded with zeros to 16 or 32 (a copy of x or g where they are not). tests/test_mosaic_wgrad.py
+Channels are padded with zeros to 16 or 32 (a copy of x or g where they are not). Up to 32 input
+channels a program keeps one g3 buffer, so that it needs 106 KB of shared memory at W = 128 and two
+programs share an SM: one builds its g3 while the other's products run (at 64 input channels two
+g3 buffers and one program an SM measured faster; docs/performance.md, "Hopper kernels").
+tests/test_mosaic_wgrad.py
 checks it in Pallas' GPU interpreter against XLA's gradient; bench/wgrad_bench.py times it on a GPU.
 """
 import functools
@@ -72,7 +76,9 @@ def _body(x_gmem, g_gmem, out_gmem, x_smem, graw_smem, g3_smem, e_smem, x_bar, g
 
         def products(*accs):
             def row(i, carry):
-                plgpu.wgmma_wait(3)  # the products of step i - 2 are done: its g3 and its oldest input row are free
+                # the products of step i - 2 (two g3 buffers) or i - 1 (one) are done: their g3 and
+                # the oldest input row are free
+                plgpu.wgmma_wait(3 if g3_smem.shape[0] == 2 else 0)
 
                 @pl.when(i + 1 < rows)
                 def _():
@@ -81,7 +87,7 @@ def _body(x_gmem, g_gmem, out_gmem, x_smem, graw_smem, g3_smem, e_smem, x_bar, g
 
                 slot = lax.rem(i, 2)
                 plgpu.barrier_wait(g_bar.at[slot])
-                g3 = g3_smem.at[slot]
+                g3 = g3_smem.at[lax.rem(i, g3_smem.shape[0])]
                 for kw in range(3):  # g3[:, kw block] = g[w - kw + 1]
                     shifted = load(graw_smem.at[slot], (pl.ds(TOP - kw + 1, width), slice(None)))
                     g3[:, pl.ds(kw * c_block, c_block)] = shifted
@@ -184,7 +190,7 @@ def weight_grad(x: jax.Array, grad: jax.Array, *, rows: int | None = None, inter
         scratch_types=[
             plgpu.SMEM((RING, width, k_in), dtype, transforms=_operand(swizzle, dtype)),
             plgpu.SMEM((2, TOP + width + 8, k_out), dtype),
-            plgpu.SMEM((2, width, g3_width), dtype, transforms=_operand(swizzle, dtype)),
+            plgpu.SMEM((2 if x_is_a else 1, width, g3_width), dtype, transforms=_operand(swizzle, dtype)),
             plgpu.SMEM(acc_shape, jnp.float32),
             plgpu.Barrier(num_barriers=RING),
             plgpu.Barrier(num_barriers=2),
