@@ -81,13 +81,18 @@ def test_each_convolution_of_the_128_level_is_routed_to_its_kernels():
     convs = {key: functools.partial(lambda key, x, kernel: key, key) for key in mosaic_conv.CONVOLUTIONS}
     implementation = mosaic_conv.routed_implementation_of(convs, mosaic_conv.takes, mosaic_conv.weight_grad_takes)
 
-    def route(c_in, c_out, edge=128, dtype=jnp.bfloat16):
-        x = jax.ShapeDtypeStruct((2, edge, edge, edge, c_in), dtype)
+    def route(c_in, c_out, edge=128, dtype=jnp.bfloat16, batch=2):
+        x = jax.ShapeDtypeStruct((batch, edge, edge, edge, c_in), dtype)
         return implementation(x, jnp.zeros((3, 3, 3, c_in, c_out), jnp.float32))
 
     assert route(32, 32) == (True, True)    # input_1, up4_1
     assert route(32, 4) == (True, True)     # output
     assert route(8, 32) == (True, False)    # input_0 (the image padded to 8 channels): cuDNN's weight gradient
+    assert route(8, 32, batch=4) == (True, True)  # ... up to batch 3; the kernel's from batch 4
     assert route(64, 32) == (False, True)   # up4_0, after the skip concatenation
     assert route(64, 64, edge=64) is None   # the 64³ level
     assert route(32, 32, dtype=jnp.float32) is None
+    # over two GPUs the batch each one computes decides: 4 is 2 a GPU, 8 is 4
+    on_two = mosaic_conv.with_batch_of(mosaic_conv.weight_grad_takes, 2)
+    assert not on_two((4, 128, 128, 128, 8), 32) and on_two((8, 128, 128, 128, 8), 32)
+    assert not on_two((3, 128, 128, 128, 32), 32)

@@ -4,7 +4,7 @@ On the JAX backend with Hopper GPUs, UNet3D's Conv3D layers of up to 32 channels
 128³ level of a training crop, the 224×224×160 evaluation window) compute their forward pass and
 their input gradient with this kernel; their kernel gradient, and that of the 64 → 32 convolution
 after the skip concatenation, with runtime/engines/mosaic_wgrad.py where WEIGHT_GRAD_CHANNELS lists
-them, else XLA's (`hopper_convolution`, chosen by runtime/engines/kernels.py; --conv_kernel keras
+them (the image convolution's from batch 4), else XLA's (`hopper_convolution`, chosen by runtime/engines/kernels.py; --conv_kernel keras
 turns both off). With several GPUs in one process the kernels run on each GPU's share of the batch
 (`sharded`). Their timings against cuDNN are in docs/performance.md ("Hopper kernels").
 
@@ -275,16 +275,20 @@ def sharded(conv: Callable, devices: Sequence) -> Callable:
                          check_vma=False)
 
 
-# The (c_in, c_out) whose kernel gradient runs on runtime/engines/mosaic_wgrad.py: the 3×3×3 convolutions of
-# UNet3D's 128³ level where it beat cuDNN on an H200 (bench/wgrad_bench.py; docs/performance.md,
-# "Hopper kernels"). The padded image convolution (8 → 32) stays on cuDNN: 1.33 ms against 0.97.
-WEIGHT_GRAD_CHANNELS = frozenset({(32, 32), (64, 32), (32, 4)})
+# The (c_in, c_out) whose kernel gradient runs on runtime/engines/mosaic_wgrad.py, each from the batch
+# (per GPU) given: the 3×3×3 convolutions of UNet3D's 128³ level where it beat cuDNN
+# (bench/wgrad_bench.py, bench/step_profile.py; docs/performance.md, "Hopper kernels"). The padded
+# image convolution (8 → 32) stays on cuDNN below batch 4, where cuDNN is the faster.
+WEIGHT_GRAD_CHANNELS = {(32, 32): 1, (64, 32): 1, (32, 4): 1, (8, 32): 4}
 
 
-def weight_grad_takes(shape: tuple, c_out: int, channels: frozenset = WEIGHT_GRAD_CHANNELS) -> bool:
+def weight_grad_takes(shape: tuple, c_out: int, channels: dict = WEIGHT_GRAD_CHANNELS) -> bool:
     """Whether the kernel gradient of a convolution of an input of `shape` to `c_out` channels runs on
-    runtime/engines/mosaic_wgrad.py: its channels among `channels` and a shape the kernel takes."""
-    return (shape[-1], c_out) in channels and mosaic_wgrad.takes(shape, c_out)
+    runtime/engines/mosaic_wgrad.py: its channels in `channels`, the batch at least the one given
+    there, and a shape the kernel takes."""
+    smallest_batch = channels.get((shape[-1], c_out))
+    return (smallest_batch is not None and shape[0] is not None and shape[0] >= smallest_batch
+            and mosaic_wgrad.takes(shape, c_out))
 
 
 # conv3d by which passes run on the tool's kernels: (forward and input gradient, kernel gradient)
@@ -314,8 +318,10 @@ def routed_implementation_of(convs: dict, accepts: Callable, accepts_weight_grad
 
 
 def with_batch_of(accepts: Callable, count: int) -> Callable:
-    """`accepts`, for a batch split over `count` devices: also the batch a multiple of `count`."""
-    return lambda shape, c_out: shape[0] is not None and shape[0] % count == 0 and accepts(shape, c_out)
+    """`accepts`, for a batch split over `count` devices: the batch a multiple of `count`, and each
+    device's share accepted."""
+    return lambda shape, c_out: (shape[0] is not None and shape[0] % count == 0
+                                 and accepts((shape[0] // count,) + tuple(shape[1:]), c_out))
 
 
 def hopper_convolution() -> Optional[Callable]:
