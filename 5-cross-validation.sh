@@ -6,7 +6,10 @@
 #   PRECISION is fp32 or bf16. Fold N goes to RESULTS_DIR/fold_N (checkpoints and log.json).
 #   A fold that already has its evaluation is skipped, so after a failure run the same command
 #   again to finish the missing folds (an interrupted fold resumes from its checkpoint).
-#   A trailing --num_folds K runs folds 0 to K-1 instead.
+#   A trailing --num_folds K runs folds 0 to K-1 instead. With --choose_postprocessing among the
+#   flags (beside --sliding_window --challenge_metrics), the postprocessing is then chosen again on
+#   the folds' validation cases pooled and written into RESULTS_DIR/fold_0 for their ensemble
+#   (runtime/pool_postprocessing.py).
 # Environment:
 #   WORKERS      processes per fold (default 1); above 1 each fold runs under `mpirun -np WORKERS`
 #                (the reference ran 8), on either backend
@@ -27,11 +30,13 @@ data_dir=$1 results_dir=$2 batch_size=$3 precision=$4
 shift 4
 
 folds=5
+pool=0
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
     case ${args[i]} in
         --num_folds) folds=${args[i + 1]:-} ;;
         --num_folds=*) folds=${args[i]#--num_folds=} ;;
+        --choose_postprocessing) pool=1 ;;
     esac
 done
 if ! [[ $folds =~ ^[0-9]+$ ]] || [ "$folds" -lt 2 ]; then
@@ -76,4 +81,10 @@ for ((fold = 0; fold < folds; fold++)); do
         exit 1
     fi
 done
-"$python" "$here/runtime/parse_results.py" "$results_dir" --folds "$folds"
+"$python" "$here/runtime/parse_results.py" "$results_dir" --folds "$folds" || exit 1
+if [ "$pool" -eq 1 ]; then
+    fold_dirs=()
+    for ((fold = 0; fold < folds; fold++)); do fold_dirs+=("$results_dir/fold_$fold"); done
+    echo "choosing the postprocessing on the $folds folds' validation cases pooled"
+    PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$python" -m runtime.pool_postprocessing "${fold_dirs[@]}" || exit 1
+fi

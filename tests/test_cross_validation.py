@@ -1,4 +1,4 @@
-"""5-cross-validation.sh on phantom records: the folds, the table, re-runs and failures, and
+"""5-cross-validation.sh on phantom records: the folds, the table, re-runs and failures, the pooled postprocessing choice, and
 WORKERS processes a fold under mpirun."""
 import json
 import os
@@ -7,8 +7,12 @@ import sys
 
 import pytest
 
+from dataset.conventions import CONVENTIONS
 from runtime.parse_results import METRICS, table
 from tests.conftest import ROOT
+from tests.test_postprocessing import cases as postprocessing_cases
+
+GLI = CONVENTIONS["brats-gli"]
 
 SCRIPT = os.path.join(ROOT, "5-cross-validation.sh")
 
@@ -65,7 +69,43 @@ def test_folds_stop_on_failure_resume_under_mpirun_and_skip_what_is_done(records
     again = run_script(records, results, "--num_folds", "2")
     assert again.returncode == 0
     assert again.stdout.count("already evaluated, skipped") == 2
+    assert not os.path.exists(results / "fold_0" / "postprocessing.json")  # not asked for
     assert again.stdout.strip().splitlines()[-4:] == rows == table(str(results), folds=2).splitlines()
+
+
+def evaluated_fold(fold_dir, case):
+    """A fold as --sliding_window --challenge_metrics --choose_postprocessing leaves it: an
+    evaluation in log.json and its validation case kept in postprocessing_cases.npz."""
+    from runtime.loops.postprocessing_choice import CASES_FILE, write_cases
+    os.makedirs(fold_dir)
+    with open(os.path.join(fold_dir, "log.json"), "w") as handle:
+        handle.write(json.dumps({"type": "eval", "step": 1, "data": {m: 0.5 for m in METRICS}}) + "\n")
+    write_cases(os.path.join(fold_dir, CASES_FILE), GLI, [case])
+
+
+def test_with_choose_postprocessing_the_folds_cases_are_pooled(tmp_path):
+    """Both folds evaluated (so skipped): the script prints the table, then chooses the
+    postprocessing on fold 0's case A and fold 1's case B together, into fold_0; a fold without
+    its cases stops it with the pooling's one-line error."""
+    from runtime.loops.postprocessing_choice import choose_postprocessing
+    results = tmp_path / "results"
+    for fold, case in enumerate(postprocessing_cases()):
+        evaluated_fold(str(results / f"fold_{fold}"), case)
+    flags = ["--sliding_window", "--challenge_metrics", "--choose_postprocessing", "--num_folds", "2"]
+    pooled = run_script("unused", results, *flags)
+    assert pooled.returncode == 0, pooled.stderr[-3000:]
+    assert pooled.stdout.count("already evaluated, skipped") == 2
+    assert f"wrote {results}/fold_0/postprocessing.json" in pooled.stdout
+    with open(results / "fold_0" / "postprocessing.json") as handle:
+        chosen = json.load(handle)
+    assert chosen["validation_cases"] == ["A", "B"]
+    assert chosen["model_dirs"] == [f"{results}/fold_0", f"{results}/fold_1"]
+    assert chosen["operations"] == choose_postprocessing(postprocessing_cases(), GLI).description["operations"]
+
+    os.remove(results / "fold_1" / "postprocessing_cases.npz")
+    failed = run_script("unused", results, *flags)
+    assert failed.returncode == 1 and failed.stderr.strip().count("\n") == 0
+    assert "fold_1/postprocessing_cases.npz: missing" in failed.stderr
 
 
 def test_bad_worker_count_is_one_line(records, tmp_path):
