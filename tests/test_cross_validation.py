@@ -1,5 +1,5 @@
-"""5-cross-validation.sh on phantom records: the folds, the table, re-runs and failures, the pooled postprocessing choice, and
-WORKERS processes a fold under mpirun."""
+"""5-cross-validation.sh on phantom records: the folds, the table, re-runs and failures, the
+pooled postprocessing choice, and WORKERS processes a fold under mpirun."""
 import json
 import os
 import subprocess
