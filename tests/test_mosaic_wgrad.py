@@ -38,10 +38,11 @@ def _relative(value, expected):
     return float(jnp.max(jnp.abs(value.astype(jnp.float32) - expected)) / jnp.max(jnp.abs(expected)))
 
 
-@pytest.mark.parametrize("c_in, c_out", [(32, 32), (64, 32), (32, 4)])
+@pytest.mark.parametrize("c_in, c_out", [(32, 32), (64, 32), (32, 4), (8, 32)])
 def test_weight_gradient_matches_xla(c_in, c_out):
     """32 → 32 (the input row as wgmma's B), 64 → 32 (as its transposed A), 32 → 4 (the output
-    gradient padded to 16 channels): float32 sums of the same bf16 products as XLA's."""
+    gradient padded to 16 channels), 8 → 32 (the padded image, its input padded to 16 channels):
+    float32 sums of the same bf16 products as XLA's."""
     x, grad, dw = _case(c_in, c_out)
     value = mosaic_wgrad.weight_grad(x, grad, rows=2, interpret=INTERPRET)
     assert value.dtype == jnp.float32 and value.shape == (3, 3, 3, c_in, c_out)
