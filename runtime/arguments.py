@@ -270,9 +270,10 @@ def _add_precision_flags(parser: argparse.ArgumentParser) -> None:
           help="auto: with --backend jax, bf16 and Hopper GPUs (H100, H200) in one process, "
                "UNet3D's 3×3×3 convolutions of up to 32 channels (the 128³ level of a training "
                "crop, the evaluation window) compute their forward pass and input gradient, and "
-               "the 32→32, 64→32 and 32→classes ones of the 128³ level their kernel gradient, "
-               "with the tool's Mosaic GPU kernels (runtime/engines/mosaic_conv.py, "
-               "mosaic_wgrad.py); keras: Keras's (XLA's) convolutions everywhere")
+               "the 32→32, 64→32 and 32→classes ones of the 128³ level (and the image's, from "
+               "batch 4 per GPU) their kernel gradient, with the tool's Mosaic GPU kernels "
+               "(runtime/engines/mosaic_conv.py, mosaic_wgrad.py); keras: Keras's (XLA's) "
+               "convolutions everywhere")
     _flag(group, "--no_hpu", action="store_true",
           help="do not look for a Habana Gaudi card. Without this flag the HPU is used when the "
                "package habana_frameworks.tensorflow imports (Habana's containers install it); "
