@@ -4,6 +4,7 @@ import glob
 import importlib
 import json
 import os
+import subprocess
 import sys
 import types
 
@@ -22,7 +23,7 @@ from runtime.setup.hpu import HPU_DEVICE, setup_hpu
 from runtime.setup import precision
 from runtime.setup.precision import FP16_CPU_SLOWDOWN, Device, choose_dtype, cpu_flags
 from runtime.tasks.base import make_task
-from tests.conftest import assert_one_line_error, main_here, tiny_vnet_flags
+from tests.conftest import ROOT, assert_one_line_error, main_here, tiny_vnet_flags
 
 
 @pytest.fixture
@@ -236,21 +237,72 @@ def test_default_dtype_is_bf16_only_where_the_device_runs_it_natively(capsys):
 
 
 def test_bf16_stays_off_by_default_where_a_native_cpu_does_not_pay(capsys):
-    """AMX under TensorFlow (UNet3D's loss turned NaN) and JAX on any CPU (slower than fp32): fp32
-    by default, and the notice says why; an explicit bf16 on AMX warns, on JAX it just runs."""
+    """AMX under TensorFlow (wrong AMX kernels, slower AVX512_BF16 ones) and JAX on any CPU
+    (slower than fp32): fp32 by default, and the notice says why; an explicit bf16 on AMX warns,
+    on JAX it just runs."""
     amx = Device("cpu", {"avx512_bf16", "amx_bf16"})
     dtype, (notice,), err = choose([], amx, capsys)
     assert dtype == "fp32" and err == []
-    assert notice.startswith("--dtype fp32 chosen: this CPU has AMX_BF16, but TensorFlow's AMX "
-                             "kernels turned UNet3D's bf16 training loss to NaN")
+    assert notice.startswith("--dtype fp32 chosen: this CPU has AMX_BF16, but oneDNN's AMX kernels "
+                             "compute some bf16 convolutions wrongly")
     assert notice.endswith("; --dtype bf16 forces it")
     dtype, out, (warning,) = choose(["--dtype", "bf16"], amx, capsys)
     assert dtype == "bf16" and out == [] and warning.startswith("warning: --dtype bf16: this CPU has "
-                                                                "AMX_BF16, but TensorFlow's AMX")
+                                                                "AMX_BF16, but oneDNN's AMX")
     dtype, (notice,), err = choose(["--backend", "jax"], AVX512_BF16, capsys)
     assert dtype == "fp32" and err == [] and "JAX's CPU kernels run bf16 slower than fp32" in notice
     assert choose(["--backend", "jax", "--dtype", "bf16"], amx, capsys) == ("bf16", [], [])
     assert choose(["--backend", "jax"], Device("gpu", capability=(9, 0)), capsys)[0] == "bf16"
+
+
+def test_bf16_on_amx_under_tensorflow_keeps_onednn_off_amx_unless_the_user_chose():
+    amx = Device("cpu", {"avx512_bf16", "amx_bf16"})
+    environ = {}
+    notice = precision.amx_off_for_bf16("bf16", "tensorflow", amx, environ)
+    assert environ == {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
+    assert notice.startswith("bf16 on this CPU's AVX512_BF16 kernels: ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 set")
+    chosen = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}
+    assert precision.amx_off_for_bf16("bf16", "tensorflow", amx, chosen) is None
+    assert chosen == {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}
+    for dtype, backend, device in (("fp32", "tensorflow", amx), ("bf16", "jax", amx),
+                                   ("bf16", "tensorflow", AVX512_BF16)):
+        environ = {}
+        assert precision.amx_off_for_bf16(dtype, backend, device, environ) is None and environ == {}
+
+
+AMX_CONVOLUTION = """
+import os, sys
+import numpy as np
+import tensorflow as tf
+from runtime.setup.precision import Device, amx_off_for_bf16, cpu_flags
+if sys.argv[1] == "tool":
+    amx_off_for_bf16("bf16", "tensorflow", Device("cpu", cpu_flags()))
+rng = np.random.default_rng(0)
+x = np.maximum(rng.standard_normal((1, 4, 4, 2, 320)), 0).astype(np.float32)
+k = (rng.standard_normal((3, 3, 3, 320, 320)) / np.sqrt(27 * 320)).astype(np.float32)
+reference = tf.nn.conv3d(x, k, (1, 2, 2, 2, 1), "SAME").numpy()
+y = tf.nn.conv3d(tf.cast(x, tf.bfloat16), tf.cast(k, tf.bfloat16), (1, 2, 2, 2, 1), "SAME")
+y = tf.cast(y, tf.float32).numpy()
+print(float(np.abs(y - reference).max() / np.abs(reference).max()) if np.isfinite(y).all() else "nan")
+"""
+
+
+@pytest.mark.skipif("amx_bf16" not in cpu_flags(), reason="needs a CPU with AMX")
+def test_the_amx_convolution_oneDNN_gets_wrong_is_right_under_the_tools_setting():
+    """UNet3D's last downsampling at the demo's crop (4×4×2 voxels of 320 channels, stride 2, an
+    output of last axis 1), in bf16 after the same convolution in float32, as in a training step:
+    oneDNN's AMX kernel gives NaN or values far off (which, depends on what ran before), the
+    AVX512_BF16 one the tool chooses the float32 values."""
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"}
+    results = {}
+    for how in ("tool", "amx"):
+        run = subprocess.run([sys.executable, "-c", AMX_CONVOLUTION, how], capture_output=True,
+                             text=True, env=env, cwd=ROOT, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        results[how] = run.stdout.strip().splitlines()[-1]
+    assert results["tool"] != "nan" and float(results["tool"]) < 0.01
+    wrong = results["amx"] == "nan" or float(results["amx"]) > 0.1
+    assert wrong, "oneDNN's AMX kernel now computes it right: amx_off_for_bf16 may go"
 
 
 def test_explicit_bf16_or_amp_without_native_support_runs_after_one_warning(capsys):

@@ -104,7 +104,8 @@ def resolve_machine(settings):
     from runtime.setup.cluster import make_cluster
     from runtime.setup.gpus import nvidia_gpus, unused_gpu_notice
     from runtime.setup.hpu import check_bf16_config, setup_hpu
-    from runtime.setup.precision import Device, choose_dtype, keras_policy, local_device
+    from runtime.setup.precision import (Device, amx_off_for_bf16, choose_dtype, keras_policy,
+                                         local_device)
     precision, run = settings.precision, settings.run
     if precision.bf16_config_explicit:
         check_bf16_config(precision.bf16_config_path)
@@ -129,6 +130,9 @@ def resolve_machine(settings):
         if notice and cluster.is_chief:
             print(notice, flush=True)
         dtype = hpu.dtype if hpu else choose_dtype(precision, device)
+        isa_notice = amx_off_for_bf16(dtype, precision.backend, device)
+        if isa_notice and cluster.is_chief:
+            print(isa_notice, flush=True)
     policy = keras_policy(dtype, hpu)
     keras.mixed_precision.set_dtype_policy(policy)
     model_dir, log_dir = run.model_dir, run.log_dir

@@ -3,8 +3,12 @@
 bf16 is native on Habana cards, on NVIDIA GPUs of compute capability 8.0 or higher and on CPUs
 with AVX512_BF16 or AMX (x86) or the BF16 extension (Arm). Elsewhere it is emulated: on an
 AVX2-only CPU a bf16 UNet3D step takes many times longer than an fp32 one. Two native CPU cases
-still default to fp32: the JAX backend, whose CPU kernels run bf16 slower than fp32, and
-TensorFlow's AMX kernels, under which UNet3D's bf16 training loss turned NaN.
+still default to fp32: the JAX backend, whose CPU kernels run bf16 slower than fp32, and CPUs with
+AMX under TensorFlow. There oneDNN's AMX kernels (TensorFlow 2.21's oneDNN 3.7) compute 3-D
+convolutions of stride 2 whose output's last axis is 1 wrongly, forward and kernel gradient (NaN
+or wrong values; UNet3D's last downsampling at crops of 32 or fewer voxels on the last axis), so a
+bf16 run there keeps oneDNN on its AVX512_BF16 kernels (`amx_off_for_bf16`), which are slower
+than fp32.
 
 float16 (`--use_amp`, TensorFlow only) trains at speed on NVIDIA GPUs, and on a CPU only with
 AMX-FP16, where oneDNN has kernels for all three passes of a convolution (not measured). With
@@ -13,6 +17,7 @@ kernel, and without it float16 convolutions in generic kernels (Eigen's): a trai
 many times an fp32 one, and a one-line warning says so (docs/performance.md, "fp16 and bf16 on a
 CPU", has the measurements).
 """
+import os
 import sys
 
 CPU_FLAGS = {"bf16": ({"avx512_bf16", "amx_bf16", "bf16"}, "AVX512_BF16, AMX or Arm's BF16"),
@@ -43,9 +48,26 @@ def _bf16_not_worth_it(backend, device):
     if backend == "jax":
         return "JAX's CPU kernels run bf16 slower than fp32 (a UNet3D step took 1.33× an fp32 one)"
     if "amx_bf16" in device.cpu_flags:
-        return ("TensorFlow's AMX kernels turned UNet3D's bf16 training loss to NaN within 3 steps "
-                "on such a CPU (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 keeps them off)")
+        return ("oneDNN's AMX kernels compute some bf16 convolutions wrongly, and its AVX512_BF16 "
+                "kernels, which a bf16 run uses instead, trained the demo's UNet3D 1.4× slower than fp32")
     return None
+
+
+AMX_OFF = "AVX512_CORE_BF16"  # oneDNN's ISA below AMX: its AVX512_BF16 kernels
+
+
+def amx_off_for_bf16(dtype, backend, device, environ=os.environ):
+    """On a CPU with AMX, a TensorFlow bf16 run keeps oneDNN off its AMX kernels, which compute 3-D
+    convolutions of stride 2 whose output's last axis is 1 wrongly: sets ONEDNN_MAX_CPU_ISA in
+    `environ` before the first convolution (oneDNN reads it then), unless the user set it. Returns
+    the line that says so, or None where nothing was set."""
+    if (dtype != "bf16" or backend != "tensorflow" or device.kind != "cpu"
+            or "amx_bf16" not in device.cpu_flags or environ.get("ONEDNN_MAX_CPU_ISA")):
+        return None
+    environ["ONEDNN_MAX_CPU_ISA"] = AMX_OFF
+    return (f"bf16 on this CPU's AVX512_BF16 kernels: ONEDNN_MAX_CPU_ISA={AMX_OFF} set, as oneDNN's "
+            "AMX kernels compute 3-D convolutions of stride 2 whose output's last axis is 1 wrongly "
+            "(NaN or wrong values); set ONEDNN_MAX_CPU_ISA yourself to choose")
 
 
 class Device:
