@@ -86,5 +86,6 @@ if [ "$pool" -eq 1 ]; then
     fold_dirs=()
     for ((fold = 0; fold < folds; fold++)); do fold_dirs+=("$results_dir/fold_$fold"); done
     echo "choosing the postprocessing on the $folds folds' validation cases pooled"
-    PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$python" -m runtime.pool_postprocessing "${fold_dirs[@]}" || exit 1
+    PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" \
+        "$python" -m runtime.pool_postprocessing "${fold_dirs[@]}" || exit 1
 fi

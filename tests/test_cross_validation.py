@@ -100,7 +100,8 @@ def test_with_choose_postprocessing_the_folds_cases_are_pooled(tmp_path):
         chosen = json.load(handle)
     assert chosen["validation_cases"] == ["A", "B"]
     assert chosen["model_dirs"] == [f"{results}/fold_0", f"{results}/fold_1"]
-    assert chosen["operations"] == choose_postprocessing(postprocessing_cases(), GLI).description["operations"]
+    expected = choose_postprocessing(postprocessing_cases(), GLI).description["operations"]
+    assert chosen["operations"] == expected
 
     os.remove(results / "fold_1" / "postprocessing_cases.npz")
     failed = run_script("unused", results, *flags)

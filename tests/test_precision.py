@@ -260,7 +260,8 @@ def test_bf16_on_amx_under_tensorflow_keeps_onednn_off_amx_unless_the_user_chose
     environ = {}
     notice = precision.amx_off_for_bf16("bf16", "tensorflow", amx, environ)
     assert environ == {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
-    assert notice.startswith("bf16 on this CPU's AVX512_BF16 kernels: ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 set")
+    assert notice.startswith("bf16 on this CPU's AVX512_BF16 kernels: "
+                             "ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 set")
     chosen = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}
     assert precision.amx_off_for_bf16("bf16", "tensorflow", amx, chosen) is None
     assert chosen == {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}

@@ -18,6 +18,7 @@ def conv_implementation(machine: Any) -> Optional[Callable]:
     implementation = hopper_convolution()
     if implementation is not None:
         print("--conv_kernel auto: the bf16 3×3×3 convolutions of up to 32 channels run on the tool's "
-              "Mosaic GPU kernels, and the kernel gradients of the 128³ level's 32→32, 64→32 and 32→classes "
-              "convolutions, and of the image's from batch 4 per GPU (--conv_kernel keras for XLA's)", flush=True)
+              "Mosaic GPU kernels, and the kernel gradients of the 128³ level's 32→32, 64→32 and "
+              "32→classes convolutions, and of the image's from batch 4 per GPU (--conv_kernel keras "
+              "for XLA's)", flush=True)
     return implementation

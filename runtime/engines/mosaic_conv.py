@@ -4,8 +4,8 @@ On the JAX backend with Hopper GPUs, UNet3D's Conv3D layers of up to 32 channels
 128³ level of a training crop, the 224×224×160 evaluation window) compute their forward pass and
 their input gradient with this kernel; their kernel gradient, and that of the 64 → 32 convolution
 after the skip concatenation, with runtime/engines/mosaic_wgrad.py where WEIGHT_GRAD_CHANNELS lists
-them (the image convolution's from batch 4), else XLA's (`hopper_convolution`, chosen by runtime/engines/kernels.py; --conv_kernel keras
-turns both off). With several GPUs in one process the kernels run on each GPU's share of the batch
+them (the image convolution's from batch 4), else XLA's (`hopper_convolution`, chosen by
+runtime/engines/kernels.py; --conv_kernel keras turns both off). With several GPUs in one process the kernels run on each GPU's share of the batch
 (`sharded`). Their timings against cuDNN are in docs/performance.md ("Hopper kernels").
 
 Channels-last. A program owns `rows` consecutive rows (fixed depth d, rows h, all W voxels) of the
